@@ -1,0 +1,83 @@
+"""The doubly periodic grid, built once and shared by an equation and its diagnostics.
+
+Layout convention (everywhere in emu): physical arrays are `(..., ny, nx)` with x the last,
+fastest axis; spectral arrays are their `rfft2` over the last two axes, `(..., ny, nx//2 + 1)`.
+Grid points sit at x_j = j * dx, j = 0..n-1 (jax-cfd's `offsets=(0, 0)` convention). Wavenumbers are
+angular (radians per unit length): k = 2*pi/L * index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emu.backends import ArrayBackend
+
+
+def angular_wavenumbers(num_points: int, domain_extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (kx, ky) as numpy arrays shaped (1, n//2 + 1) and (n, 1) for an rfft2 layout."""
+    fundamental = 2.0 * np.pi / domain_extent
+    kx = fundamental * np.fft.rfftfreq(num_points, d=1.0 / num_points)
+    ky = fundamental * np.fft.fftfreq(num_points, d=1.0 / num_points)
+    return kx[np.newaxis, :], ky[:, np.newaxis]
+
+
+def two_thirds_mask(num_points: int) -> np.ndarray:
+    """Orszag's 2/3 rule as a 0/1 mask in rfft2 layout: keeps modes with |index| < n/3 on both axes.
+
+    A quadratic product of two fields whose modes all satisfy |index| < n/3 aliases only onto modes
+    that this mask removes, so the kept modes of the product are exact. That is what makes the
+    truncated (Galerkin) nonlinear terms conserve energy and enstrophy to round-off.
+    """
+    keep = int(np.ceil(num_points / 3.0)) - 1  # largest index strictly below n/3
+    index_x = np.abs(np.fft.rfftfreq(num_points, d=1.0 / num_points))[np.newaxis, :]
+    index_y = np.abs(np.fft.fftfreq(num_points, d=1.0 / num_points))[:, np.newaxis]
+    return ((index_x <= keep) & (index_y <= keep)).astype(np.float64)
+
+
+class Grid:
+    """A square doubly periodic grid with its wavenumber arrays on one array backend.
+
+    Args:
+        num_points: grid points per side (a power of two, at least 8).
+        domain_extent: side length L of the square domain (in the system's length unit).
+        backend: the array backend the arrays live on.
+
+    Attributes:
+        spacing: dx = L / n.
+        kx, ky: angular wavenumbers, broadcastable shapes (1, n//2+1) and (n, 1).
+        wavenumber_squared: kx^2 + ky^2, shape (n, n//2+1).
+        inverse_wavenumber_squared: 1 / (kx^2 + ky^2), with 0 for the mean mode.
+        dealias: the 2/3-rule mask (`two_thirds_mask`).
+        x, y: numpy coordinate vectors of the grid points.
+    """
+
+    def __init__(self, num_points: int, domain_extent: float, backend: ArrayBackend):
+        self.num_points = int(num_points)
+        self.domain_extent = float(domain_extent)
+        self.backend = backend
+        self.spacing = self.domain_extent / self.num_points
+        self.shape = (self.num_points, self.num_points)
+        self.spectral_shape = (self.num_points, self.num_points // 2 + 1)
+        kx, ky = angular_wavenumbers(self.num_points, self.domain_extent)
+        k2 = kx**2 + ky**2
+        inverse_k2 = np.zeros_like(k2)
+        inverse_k2[k2 > 0] = 1.0 / k2[k2 > 0]
+        self.kx_numpy, self.ky_numpy = kx, ky
+        self.wavenumber_squared_numpy = k2
+        self.kx = backend.asarray(kx)
+        self.ky = backend.asarray(ky)
+        self.ikx = backend.asarray(1j * kx)
+        self.iky = backend.asarray(1j * ky)
+        self.wavenumber_squared = backend.asarray(k2)
+        self.inverse_wavenumber_squared = backend.asarray(inverse_k2)
+        self.dealias = backend.asarray(two_thirds_mask(self.num_points))
+        self.x = np.arange(self.num_points) * self.spacing
+        self.y = np.arange(self.num_points) * self.spacing
+
+    def to_spectral(self, field):
+        """rfft2 over the last two axes."""
+        return self.backend.rfft2(field)
+
+    def to_physical(self, field_hat):
+        """irfft2 over the last two axes, back to (..., n, n)."""
+        return self.backend.irfft2(field_hat, self.shape)

@@ -1,0 +1,227 @@
+"""Kolmogorov flow: 2D forced incompressible Navier-Stokes in vorticity form.
+
+    d(omega)/dt + u . grad(omega) = nu lap(omega) - alpha omega + F(y),
+    lap(psi) = -omega,   u = d(psi)/dy,   v = -d(psi)/dx,   omega = dv/dx - du/dy,
+    F(y) = -k_f A cos(k_f y)   (the curl of the velocity forcing (A sin(k_f y), 0)),
+
+on the doubly periodic square [0, L)^2 (L = 2 pi), density 1, nondimensional units. This is
+jax-cfd's `spectral.equations.ForcedNavierStokes2D` (Kochkov et al. 2021, PNAS 118, e2101784118;
+Boffetta & Ecke 2012): forcing wavenumber 4, drag 0.1, nu = 1/Re, the advection term filtered by
+the 2/3 rule, the forcing sampled on the grid points y_j = j dy and curled spectrally.
+
+Split for an implicit-explicit stepper: `linear_operator` L = -nu |k|^2 - alpha (diagonal, treated
+implicitly) and `explicit_terms` N(omega) = -(u . grad omega) filtered + F.
+
+Good values: Re = 1000 (nu = 1e-3) resolves at 128^2-256^2; Re = 10,000 (nu = 1e-4, the Thermalizer
+and SNS data) needs 512^2 with dt = 1e-3 (CFL ~ 0.57 at max velocity 7), then spectral truncation
+to 64^2. Spin-up to statistical stationarity takes about 10 time units (the drag time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from emu.backends import ArrayBackend
+from emu.grid import Grid, two_thirds_mask
+from emu.spectral import isotropic_spectrum, rfft_weights
+from emu.systems.base import (
+    SystemConfig,
+    require,
+    require_nonnegative,
+    require_positive,
+    require_power_of_two,
+)
+
+KOLMOGOROV_PRESETS = {
+    # Kochkov et al. (2021): Re = 1000.
+    "re1000": {"viscosity": 1e-3},
+    # The Thermalizer repository's data config.
+    "re5000": {"viscosity": 2e-4},
+    # What the Thermalizer and SNS runs read (their text says nu = 1e-3; their data folder says Re 10^4).
+    "re10000": {"viscosity": 1e-4},
+}
+
+
+@dataclass(frozen=True)
+class KolmogorovConfig(SystemConfig):
+    """Parameters of Kolmogorov flow (nondimensional: length 1 = L/(2 pi), velocity ~ forcing).
+
+    Attributes:
+        grid_size: grid points per side (power of two).
+        viscosity: kinematic viscosity nu = 1/Re (>= 0; 0 gives the Euler equations).
+        drag: linear drag coefficient alpha (>= 0).
+        forcing_wavenumber: k_f of the forcing (integer >= 0; 0 switches forcing off).
+        forcing_amplitude: A of the velocity forcing A sin(k_f y).
+        domain_extent: side length L of the square (default 2 pi).
+        dt: time step; None picks dt = cfl_safety * dx / max_velocity.
+        max_velocity: maximum speed of the random initial condition, also used for the default dt.
+        peak_wavenumber: wavenumber where the initial condition's energy spectrum peaks.
+        cfl_safety: target Courant number for the default dt.
+        max_cfl: the run stops with a blow-up error when max|u| dt/dx exceeds this.
+        preset: the preset these values started from (informational).
+    """
+
+    grid_size: int = 128
+    viscosity: float = 1e-3
+    drag: float = 0.1
+    forcing_wavenumber: int = 4
+    forcing_amplitude: float = 1.0
+    domain_extent: float = 2.0 * math.pi
+    dt: float | None = None
+    max_velocity: float = 7.0
+    peak_wavenumber: float = 4.0
+    cfl_safety: float = 0.5
+    max_cfl: float = 1.0
+    preset: str = "re1000"
+
+    system: ClassVar[str] = "kolmogorov"
+    presets: ClassVar[dict] = KOLMOGOROV_PRESETS
+    default_preset: ClassVar[str] = "re1000"
+
+    def __post_init__(self):
+        require_power_of_two("grid_size", self.grid_size)
+        require_nonnegative("viscosity", self.viscosity)
+        require_nonnegative("drag", self.drag)
+        require(isinstance(self.forcing_wavenumber, int) and self.forcing_wavenumber >= 0
+                and self.forcing_wavenumber < self.grid_size // 3,
+                "forcing_wavenumber", f"an integer in [0, grid_size/3) = [0, {self.grid_size // 3})",
+                self.forcing_wavenumber)
+        require_nonnegative("forcing_amplitude", self.forcing_amplitude)
+        require_positive("domain_extent", self.domain_extent)
+        require_positive("max_velocity", self.max_velocity)
+        require_positive("peak_wavenumber", self.peak_wavenumber)
+        require(0 < self.cfl_safety <= 1.0, "cfl_safety", "in (0, 1]", self.cfl_safety)
+        require_positive("max_cfl", self.max_cfl)
+        if self.dt is None:
+            spacing = self.domain_extent / self.grid_size
+            object.__setattr__(self, "dt", self.cfl_safety * spacing / self.max_velocity)
+        require_positive("dt", self.dt)
+
+    @property
+    def spacing(self) -> float:
+        return self.domain_extent / self.grid_size
+
+
+class KolmogorovEquation:
+    """The vorticity equation on a `Grid`, split as d(omega_hat)/dt = L omega_hat + N(omega_hat).
+
+    State: omega_hat, shape (batch, n, n//2+1), complex, on the grid's backend.
+    """
+
+    field_names = ("vorticity",)
+    field_units = ("1/time",)
+    default_stepper = "cn_rk4"
+
+    def __init__(self, config: KolmogorovConfig, backend: ArrayBackend):
+        self.config = config
+        self.backend = backend
+        self.grid = Grid(config.grid_size, config.domain_extent, backend)
+        k2 = self.grid.wavenumber_squared_numpy
+        self.linear_operator = backend.asarray(-config.viscosity * k2 - config.drag)
+        # Forcing: the velocity forcing (A sin(k_f y), 0) on the grid points, curled spectrally:
+        # F_hat = i kx fy_hat - i ky fx_hat = -i ky fx_hat.
+        y = self.grid.y[:, np.newaxis] * np.ones((1, config.grid_size))
+        fx_hat = np.fft.rfft2(config.forcing_amplitude * np.sin(config.forcing_wavenumber * y))
+        self.forcing_hat = backend.asarray(-1j * self.grid.ky_numpy * fx_hat) if config.forcing_wavenumber else None
+
+    # -- the equation -------------------------------------------------------------------------
+    def velocity_hat(self, omega_hat):
+        """(u_hat, v_hat) = (i ky, -i kx) psi_hat with psi_hat = omega_hat / |k|^2."""
+        psi_hat = omega_hat * self.grid.inverse_wavenumber_squared
+        return self.grid.iky * psi_hat, -self.grid.ikx * psi_hat
+
+    def advection_hat(self, omega_hat):
+        """-(u . grad omega), its rfft2 filtered by the 2/3 rule."""
+        grid = self.grid
+        u_hat, v_hat = self.velocity_hat(omega_hat)
+        # One batched inverse transform for the four fields (fewer FFT calls than four).
+        u, v, omega_x, omega_y = grid.to_physical(
+            self.backend.stack([u_hat, v_hat, grid.ikx * omega_hat, grid.iky * omega_hat]))
+        return grid.to_spectral(-(u * omega_x + v * omega_y)) * grid.dealias
+
+    def explicit_terms(self, omega_hat):
+        """N(omega_hat): filtered advection plus forcing (jax-cfd's `explicit_terms`)."""
+        terms = self.advection_hat(omega_hat)
+        if self.forcing_hat is not None:
+            terms = terms + self.forcing_hat
+        return terms
+
+    def implicit_terms(self, omega_hat):
+        return self.linear_operator * omega_hat
+
+    # -- state conversion ---------------------------------------------------------------------
+    def to_state(self, vorticity: np.ndarray):
+        """Physical vorticity (batch, n, n) numpy -> omega_hat on the backend."""
+        vorticity = np.asarray(vorticity)
+        require(vorticity.ndim == 3 and vorticity.shape[1:] == self.grid.shape, "vorticity",
+                f"an array of shape (batch, {self.grid.num_points}, {self.grid.num_points})", vorticity.shape)
+        return self.grid.to_spectral(self.backend.asarray(vorticity))
+
+    def fields(self, omega_hat):
+        """Physical vorticity (batch, n, n) on the backend."""
+        return self.grid.to_physical(omega_hat)
+
+    def initial_condition(self, batch: int, seed: int) -> np.ndarray:
+        """Random band-limited vorticity, (batch, n, n) float64, reproducible from `seed`.
+
+        The streamfunction has Gaussian random Fourier coefficients with an energy spectrum
+        E(k) ~ exp(-(ln k - ln k_p - s^2)^2 / (2 s^2)) / k (log-normal, s^2 = 0.25, peak near k_p;
+        the shape of jax-cfd's `filtered_velocity_field`), restricted to the 2/3-rule modes. The
+        velocity of each sample is scaled so that max |u| = max_velocity.
+        """
+        require(isinstance(batch, int) and batch >= 1, "batch", "an integer >= 1", batch)
+        n = self.grid.num_points
+        rng = np.random.default_rng(seed)
+        k2 = self.grid.wavenumber_squared_numpy
+        k = np.sqrt(k2)
+        safe_k = np.where(k > 0, k, 1.0)
+        variance = 0.25
+        log_normal = np.exp(-((np.log(safe_k) - np.log(self.config.peak_wavenumber) - variance) ** 2) / (2 * variance)) / safe_k
+        energy_density = np.where(k > 0, log_normal / safe_k, 0.0)  # E(k) spread over a shell of size ~k
+        amplitude = np.sqrt(energy_density) / safe_k  # |psi_hat| = sqrt(E)/k since |u_hat| = k |psi_hat|
+        amplitude *= two_thirds_mask(n)
+        noise = rng.standard_normal((batch,) + self.grid.spectral_shape) + 1j * rng.standard_normal((batch,) + self.grid.spectral_shape)
+        psi_hat = noise * amplitude
+        psi = np.fft.irfft2(psi_hat, s=self.grid.shape)  # a real field: Hermitian symmetry by construction
+        psi_hat = np.fft.rfft2(psi)
+        u = np.fft.irfft2(1j * self.grid.ky_numpy * psi_hat, s=self.grid.shape)
+        v = np.fft.irfft2(-1j * self.grid.kx_numpy * psi_hat, s=self.grid.shape)
+        speed = np.sqrt(u**2 + v**2).max(axis=(-2, -1), keepdims=True)
+        vorticity = np.fft.irfft2(k2 * psi_hat, s=self.grid.shape)
+        return vorticity * (self.config.max_velocity / speed)
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def _half_spectrum_mean(self, density_hat) -> np.ndarray:
+        """Domain mean of a quadratic quantity from its half-spectrum |.|^2 density, per sample."""
+        n = self.grid.num_points
+        weights = self.backend.asarray(rfft_weights(n))
+        total = self.backend.xp.sum(density_hat * weights, axis=(-2, -1))
+        return self.backend.to_numpy(total) / n**4
+
+    def energy(self, omega_hat) -> np.ndarray:
+        """E = 1/2 <|u|^2> per sample (domain mean)."""
+        magnitude = self.backend.xp.abs(omega_hat) ** 2 * self.grid.inverse_wavenumber_squared
+        return 0.5 * self._half_spectrum_mean(magnitude)
+
+    def enstrophy(self, omega_hat) -> np.ndarray:
+        """Z = 1/2 <omega^2> per sample (domain mean)."""
+        return 0.5 * self._half_spectrum_mean(self.backend.xp.abs(omega_hat) ** 2)
+
+    def cfl(self, omega_hat) -> float:
+        """Courant number max(|u|, |v|) dt / dx over the batch."""
+        u_hat, v_hat = self.velocity_hat(omega_hat)
+        velocity = self.grid.to_physical(self.backend.stack([u_hat, v_hat]))
+        return self.backend.max_abs(velocity) * self.config.dt / self.grid.spacing
+
+    def kinetic_energy_spectrum(self, omega_hat):
+        """(k, E(k)): isotropic KE spectrum per sample, shells of integer wavenumber, sum = energy."""
+        omega_hat = self.backend.to_numpy(omega_hat)
+        n = self.grid.num_points
+        k2 = self.grid.wavenumber_squared_numpy
+        inverse = np.where(k2 > 0, 1.0 / np.where(k2 > 0, k2, 1.0), 0.0)
+        density = 0.5 * np.abs(omega_hat) ** 2 * inverse / n**4
+        return isotropic_spectrum(density, n, self.config.domain_extent)

@@ -1,0 +1,34 @@
+"""Build hook: copy the Julia package and the CUDA sources into the wheel.
+
+`julia/`, `kernels/` and the top-level `Project.toml` live beside `python/` in the repository (the
+product's shape), but an installed emu must still find them. `build_py` copies them into
+`emu/_resources/` inside the build directory only; the source tree is never touched. An editable
+install (`pip install -e .`) reads them straight from the repository instead (see
+`emu.resources`).
+"""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithResources(build_py):
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        target = Path(self.build_lib) / "emu" / "_resources"
+        for name in ("julia", "kernels"):
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, target / name, dirs_exist_ok=True)
+        if (ROOT / "Project.toml").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / "Project.toml", target / "Project.toml")
+
+
+setup(cmdclass={"build_py": BuildPyWithResources})
