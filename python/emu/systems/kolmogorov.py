@@ -168,10 +168,11 @@ class KolmogorovEquation:
     def initial_condition(self, batch: int, seed: int) -> np.ndarray:
         """Random band-limited vorticity, (batch, n, n) float64, reproducible from `seed`.
 
-        The streamfunction has Gaussian random Fourier coefficients with an energy spectrum
-        E(k) ~ exp(-(ln k - ln k_p - s^2)^2 / (2 s^2)) / k (log-normal, s^2 = 0.25, peak near k_p;
-        the shape of jax-cfd's `filtered_velocity_field`), restricted to the 2/3-rule modes. The
-        velocity of each sample is scaled so that max |u| = max_velocity.
+        As jax-cfd's `filtered_velocity_field`: white noise filtered in spectral space by the amplitude
+        p(k) = exp(-(ln k - ln k_p - s^2)^2 / (2 s^2)) / k (log-normal, s^2 = 0.25, peaked near k_p),
+        here applied to the streamfunction as |psi_hat| ~ p(k)/k so that |u_hat| ~ p(k) and the field
+        is divergence-free by construction; restricted to the 2/3-rule modes. Each sample's velocity
+        is scaled so that max |u| = max_velocity.
         """
         require(isinstance(batch, int) and batch >= 1, "batch", "an integer >= 1", batch)
         n = self.grid.num_points
@@ -181,8 +182,7 @@ class KolmogorovEquation:
         safe_k = np.where(k > 0, k, 1.0)
         variance = 0.25
         log_normal = np.exp(-((np.log(safe_k) - np.log(self.config.peak_wavenumber) - variance) ** 2) / (2 * variance)) / safe_k
-        energy_density = np.where(k > 0, log_normal / safe_k, 0.0)  # E(k) spread over a shell of size ~k
-        amplitude = np.sqrt(energy_density) / safe_k  # |psi_hat| = sqrt(E)/k since |u_hat| = k |psi_hat|
+        amplitude = np.where(k > 0, log_normal / safe_k, 0.0)
         amplitude *= two_thirds_mask(n)
         noise = rng.standard_normal((batch,) + self.grid.spectral_shape) + 1j * rng.standard_normal((batch,) + self.grid.spectral_shape)
         psi_hat = noise * amplitude

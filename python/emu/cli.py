@@ -1,0 +1,148 @@
+"""emu's command line: `python -m emu.cli COMMAND --help` (or `emu COMMAND` once installed)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from emu.backends import BACKENDS, DTYPES, BackendUnavailable
+from emu.systems import SYSTEMS
+from emu.systems.base import ConfigError
+
+DEFAULT_STEPS = {"kolmogorov": 2000, "qg": 5000}
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict:
+    """`--set name=value` pairs; values are read as JSON when they parse (numbers, null), else text."""
+    values = {}
+    for item in settings:
+        if "=" not in item:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
+        name, text = item.split("=", 1)
+        try:
+            values[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name.strip()] = text
+    return values
+
+
+def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="emu")
+def main():
+    """emu: pseudospectral ground truth, neural emulators and diffusion stabilisers for 2D chaos."""
+
+
+@main.command()
+@click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True)
+@click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
+@click.option("--grid", "grid_size", type=int, default=None, help="Solver grid points per side (power of two). [default: 128 kolmogorov, 64 qg]")
+@click.option("--steps", type=int, default=None, help="Solver steps. [default: 2000 kolmogorov, 5000 qg]")
+@click.option("--dt", type=float, default=None, help="Time step (kolmogorov default: CFL-based; qg: 3600 s).")
+@click.option("--save-every", type=int, default=None, help="Steps between snapshots. [default: steps/100]")
+@click.option("--downsample", type=int, default=None, help="Save fields spectrally truncated to this grid size.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Ensemble members run together.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initial condition.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HDF5 output. [default: SYSTEM.h5]")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of the final state. [default: SYSTEM.png]")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG.")
+@click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Continue from the last snapshot of an earlier emu file (its config is used).")
+@click.option("--perturb", type=float, default=0.0, show_default=True, help="Relative noise added to an --init state.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="Any other config field, e.g. --set viscosity=2e-4.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_every, downsample, batch, seed, out,
+             plot, no_plot, init, perturb, settings, progress):
+    """Run a pseudospectral solver and write snapshots to HDF5 (plus a PNG).
+
+    \b
+    python -m emu.cli simulate --system kolmogorov --backend numpy --grid 64 --steps 100 --out k.h5 --plot k.png
+    python -m emu.cli simulate --system qg --preset eddy --backend torch --grid 64 --steps 2000 --out q.h5
+    python -m emu.cli simulate --init q.h5 --steps 2000 --out q2.h5     # continue exactly
+    """
+    from emu.data.hdf5 import load_restart
+    from emu.runs import simulate as run_simulation
+    from emu.solvers import BlowUpError
+    from emu.systems import make_config
+
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        overrides = _parse_settings(settings)
+        if init is not None:
+            config, _ = load_restart(init)
+            system = config.system
+            changes = {k: v for k, v in dict(overrides, dt=dt).items() if v is not None}
+            if grid_size is not None and grid_size != config.grid_size:
+                raise ConfigError(f"grid: {init} was run on a {config.grid_size}^2 grid; --init continues on that grid")
+            if changes:
+                config = config.replace(**changes)
+        else:
+            config = make_config(system, preset, grid_size=grid_size, dt=dt, **overrides)
+        steps = DEFAULT_STEPS[system] if steps is None else steps
+        save_every = save_every or max(1, steps // 100)
+        out = out or f"{system}.h5"
+        plot_path = None if no_plot else (plot or f"{system}.png")
+        result = run_simulation(config, out=out, backend=backend, device=device, dtype=dtype, steps=steps,
+                                save_every=save_every, downsample=downsample, batch=batch, seed=seed, init=init,
+                                perturb=perturb, progress=progress)
+    except BlowUpError as error:
+        click.echo(f"error: {error}", err=True)
+        click.echo(f"the snapshots up to the last good one are saved in {out} (status blew_up)", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the snapshots so far are saved in {out} (status interrupted); "
+                   f"continue with --init {out}", err=True)
+        sys.exit(130)
+    except (ConfigError, ValueError, BackendUnavailable, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    if plot_path is not None:
+        from emu.plotting import plot_run
+
+        plot_run(result.path, plot_path)
+    energy = ", ".join(f"{e:.4g}" for e in result.energy[:4]) + (" ..." if len(result.energy) > 4 else "")
+    click.echo(f"{config.system} ({config.preset}) {config.grid_size}^2 {backend} {dtype}: {result.steps} steps in "
+               f"{result.wall_seconds:.1f} s ({result.steps_per_second:.0f} steps/s), t = {result.model_time:.4g}, "
+               f"E = {energy}, CFL = {result.cfl:.3f} -> {result.path} ({result.snapshots} snapshots)"
+               + (f", {plot_path}" if plot_path else ""))
+
+
+@main.command()
+@click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="qg", show_default=True)
+@click.option("--preset", default=None)
+@click.option("--backend", "backends", default="numpy,torch", show_default=True, help="Comma-separated backends.")
+@click.option("--grid", "grids", default="64,128,256", show_default=True, help="Comma-separated grid sizes.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seconds", type=float, default=2.0, show_default=True, help="Time budget per measurement.")
+@click.option("--peers/--no-peers", default=True, show_default=True, help="Also time pyqg / jax-cfd when available.")
+@click.option("--pyqg-python", default=None, envvar="EMU_PYQG_PYTHON",
+              help="Python interpreter of a side environment with pyqg 0.7.2 (see scripts/pyqg_reference.py).")
+@click.option("--device", default=None)
+def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, device):
+    """Solver throughput: steps/s and Mpoints*steps/s per backend and grid, with the peers' numbers.
+
+    \b
+    python -m emu.cli bench --system qg --backend numpy,torch --grid 64,128,256
+    python -m emu.cli bench --system kolmogorov --grid 64,256 --dtype float32
+    """
+    from emu.bench import run_benchmarks
+
+    try:
+        run_benchmarks(system=system, preset=preset, backends=[b for b in backends.split(",") if b],
+                       grids=[int(g) for g in grids.split(",") if g], dtype=dtype, batch=batch, seconds=seconds,
+                       peers=peers, pyqg_python=pyqg_python, device=device, echo=click.echo)
+    except (ConfigError, ValueError, BackendUnavailable) as error:
+        raise click.ClickException(str(error)) from error
+
+
+if __name__ == "__main__":
+    main()
