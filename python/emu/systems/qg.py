@@ -171,6 +171,8 @@ class QGEquation:
         self.beta_term = backend.asarray(np.stack([beta1 * 1j * self.grid.kx_numpy * np.ones_like(k2),
                                                    beta2 * 1j * self.grid.kx_numpy * np.ones_like(k2)])[np.newaxis])
         self.drag_term = backend.asarray(config.bottom_drag * k2)
+        self._minus_ikx = backend.asarray(-1j * self.grid.kx_numpy * np.ones_like(k2))
+        self._minus_iky = backend.asarray(-1j * self.grid.ky_numpy * np.ones_like(k2))
         if config.filter == "exponential":
             step_filter = exponential_filter(config.grid_size, config.filter_factor)
         elif config.filter == "sharp":
@@ -188,13 +190,23 @@ class QGEquation:
 
     def explicit_terms(self, q_hat):
         """dq_hat/dt: advection (with background flow), beta and bottom drag, as pyqg computes it."""
-        grid = self.grid
+        grid, native = self.grid, self.backend.native
         psi_hat = self.streamfunction_hat(q_hat)
-        q, u, v = grid.to_physical(self.backend.stack([q_hat, -grid.iky * psi_hat, grid.ikx * psi_hat]))
-        fluxes_hat = grid.to_spectral(self.backend.stack([(u + self.background_velocity) * q, v * q]))
-        tendency = -(grid.ikx * fluxes_hat[0] + grid.iky * fluxes_hat[1]) - self.beta_term * psi_hat
-        drag = self.drag_term * psi_hat[:, 1]
-        return self.backend.stack([tendency[:, 0], tendency[:, 1] + drag], axis=1)
+        # Inputs of the three inverse transforms (q, u, v) written into one buffer: one batched call.
+        spectral = self.backend.empty((3,) + tuple(q_hat.shape), complex_valued=True)
+        spectral[0] = q_hat
+        native.multiply(self._minus_iky, psi_hat, out=spectral[1])
+        native.multiply(grid.ikx, psi_hat, out=spectral[2])
+        q, u, v = grid.to_physical(spectral)
+        u += self.background_velocity  # pyqg advects with the total zonal velocity u_m + U_m
+        u *= q
+        v *= q
+        fluxes_hat = grid.to_spectral(self.backend.stack([u, v]))
+        tendency = self._minus_ikx * fluxes_hat[0]
+        tendency += self._minus_iky * fluxes_hat[1]
+        tendency -= self.beta_term * psi_hat
+        tendency[:, 1] += self.drag_term * psi_hat[:, 1]
+        return tendency
 
     # -- state conversion ---------------------------------------------------------------------
     def to_state(self, pv: np.ndarray):
