@@ -128,10 +128,11 @@ class ArrayBackend:
         return self.xp.asarray(host, device=self.device)
 
     def to_numpy(self, array) -> np.ndarray:
-        """Copies an array of this backend into a numpy array on the host."""
+        """Copies an array of this backend into a new numpy array on the host (never a view, so
+        changing the result cannot change the solver state)."""
         if self.name == "numpy":
-            return np.asarray(array)
-        return array.detach().cpu().numpy()
+            return np.array(array, copy=True)
+        return array.detach().cpu().numpy().copy()
 
     def rfft2(self, field):
         """Real FFT over the last two axes (y, x): (..., ny, nx) -> (..., ny, nx//2 + 1)."""

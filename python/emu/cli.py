@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 
 import click
 
@@ -12,7 +13,7 @@ from emu.backends import BACKENDS, DTYPES, BackendUnavailable
 from emu.systems import SYSTEMS
 from emu.systems.base import ConfigError
 
-DEFAULT_STEPS = {"kolmogorov": 2000, "qg": 5000}
+DEFAULT_STEPS = {"kolmogorov": 2000, "qg": 25000}  # qg: the eddy preset is turbulent after ~700 days
 
 
 def _parse_settings(settings: tuple[str, ...]) -> dict:
@@ -29,8 +30,39 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
     return values
 
 
-def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopOnSignal:
+    """SIGTERM and SIGINT during `simulate`: the first one asks the run to stop at its next state check,
+    where the file and its restart state agree (`stop` of `emu.runs.simulate`); a second one interrupts
+    at once. Raising KeyboardInterrupt straight from the handler is not enough: when the signal lands
+    in a weakref callback or `__del__` (h5py has many), Python prints "Exception ignored" and the run
+    goes on. `restore` puts the previous handlers back; a signal ignored at start (nohup) stays ignored.
+    """
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __call__(self) -> str | None:
+        return self.received
+
+    def _handle(self, signum, frame):  # pragma: no cover - exercised through subprocess tests
+        if self.received is not None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} (second signal)")
+        self.received = signal.Signals(signum).name
+
+    def install(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +78,7 @@ def main():
 @click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
 @click.option("--grid", "grid_size", type=int, default=None, help="Solver grid points per side (power of two). [default: 128 kolmogorov, 64 qg]")
-@click.option("--steps", type=int, default=None, help="Solver steps. [default: 2000 kolmogorov, 5000 qg]")
+@click.option("--steps", type=int, default=None, help="Solver steps. [default: 2000 kolmogorov, 25000 qg (~2.9 years)]")
 @click.option("--dt", type=float, default=None, help="Time step (kolmogorov default: CFL-based; qg: 3600 s).")
 @click.option("--save-every", type=int, default=None, help="Steps between snapshots. [default: steps/100]")
 @click.option("--downsample", type=int, default=None, help="Save fields spectrally truncated to this grid size.")
@@ -72,9 +104,9 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
     from emu.data.hdf5 import load_restart
     from emu.runs import simulate as run_simulation
     from emu.solvers import BlowUpError
-    from emu.systems import make_config
+    from emu.systems import config_from_dict, make_config
 
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    stop = _StopOnSignal().install()
     try:
         overrides = _parse_settings(settings)
         if init is not None:
@@ -84,16 +116,16 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
             if grid_size is not None and grid_size != config.grid_size:
                 raise ConfigError(f"grid: {init} was run on a {config.grid_size}^2 grid; --init continues on that grid")
             if changes:
-                config = config.replace(**changes)
+                config = config_from_dict({**config.to_dict(), **changes})  # validates names and values
         else:
             config = make_config(system, preset, grid_size=grid_size, dt=dt, **overrides)
         steps = DEFAULT_STEPS[system] if steps is None else steps
-        save_every = save_every or max(1, steps // 100)
+        save_every = max(1, steps // 100) if save_every is None else save_every
         out = out or f"{system}.h5"
         plot_path = None if no_plot else (plot or f"{system}.png")
         result = run_simulation(config, out=out, backend=backend, device=device, dtype=dtype, steps=steps,
                                 save_every=save_every, downsample=downsample, batch=batch, seed=seed, init=init,
-                                perturb=perturb, progress=progress)
+                                perturb=perturb, progress=progress, stop=stop)
     except BlowUpError as error:
         click.echo(f"error: {error}", err=True)
         click.echo(f"the snapshots up to the last good one are saved in {out} (status blew_up)", err=True)
@@ -104,6 +136,8 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
         sys.exit(130)
     except (ConfigError, ValueError, BackendUnavailable, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
+    finally:
+        stop.restore()
     if plot_path is not None:
         from emu.plotting import plot_run
 

@@ -34,6 +34,29 @@ def two_thirds_mask(num_points: int) -> np.ndarray:
     return ((index_x <= keep) & (index_y <= keep)).astype(np.float64)
 
 
+def jax_cfd_mask(num_points: int) -> np.ndarray:
+    """jax-cfd's `brick_wall_filter_2d` as it acts on a real field, in emu's rfft2 layout.
+
+    jax-cfd stores fields as [x, y] with y the halved axis and keeps full-axis indices
+    [-(2n/3)//2, (2n/3)//2 - 1] and half-axis indices [0, 2(n/2+1)/3). Seen from emu's (y, x-half)
+    layout that drops the x index n/3 (21 at n = 64) for y index > 0 and, through the Hermitian part
+    the inverse transform keeps, halves it at y index 0. Not a projection (so the truncated dynamics
+    conserve energy only approximately); offered to reproduce jax-cfd to round-off.
+    """
+    n = num_points
+    stored = np.zeros((n, n // 2 + 1))  # [x, y-half], as jax-cfd builds it
+    stored[: int(2 / 3 * n) // 2, : int(2 / 3 * (n // 2 + 1))] = 1
+    stored[-int(2 / 3 * n) // 2 :, : int(2 / 3 * (n // 2 + 1))] = 1
+    full = np.zeros((n, n))  # [x, y] over the whole plane
+    full[:, : n // 2 + 1] = stored
+    index = np.arange(n)
+    for y in range(1, n // 2):  # y < 0 is stored as the conjugate (-x, -y)
+        full[(-index) % n, n - y] = stored[index, y]
+    for y in (0, n // 2):  # self-conjugate columns: the inverse keeps the Hermitian part
+        full[:, y] = 0.5 * (stored[:, y] + stored[(-index) % n, y])
+    return np.ascontiguousarray(full.T[:, : n // 2 + 1])
+
+
 class Grid:
     """A square doubly periodic grid with its wavenumber arrays on one array backend.
 

@@ -25,6 +25,9 @@ def save_figure_atomically(figure, path) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
+        from emu.data.hdf5 import default_file_mode
+
+        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600
         figure.savefig(temporary, dpi=110, bbox_inches="tight")
         os.replace(temporary, path)
     finally:
@@ -51,7 +54,6 @@ def plot_run(run_path, png_path, member: int = 0) -> Path:
     coarse = config if saved_size == config.grid_size else config.replace(grid_size=saved_size)
     equation = make_equation(coarse, get_backend("numpy"))
     k, spectrum = equation.kinetic_energy_spectrum(equation.to_state(final.astype(np.float64)))
-    time_unit = "s" if config.system == "qg" else ""
     if config.system == "qg":
         time_axis, time_label = run["time"] / 86400.0, "time [days]"
     else:
@@ -64,7 +66,8 @@ def plot_run(run_path, png_path, member: int = 0) -> Path:
         limit = float(np.abs(field).max()) or 1.0
         image = axis.imshow(field, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
                             extent=(0, config.domain_extent if config.system == "kolmogorov" else config.domain_length / 1e3,) * 2)
-        axis.set_title(f"{name} [{unit}], t = {run['time'][-1]:.4g}{' ' + time_unit if time_unit else ''}")
+        final_time = f"{run['time'][-1] / 86400.0:.1f} days" if config.system == "qg" else f"{run['time'][-1]:.4g}"
+        axis.set_title(f"{name} [{unit}], t = {final_time}")
         axis.set_xlabel("x" if config.system == "kolmogorov" else "x [km]")
         axis.set_ylabel("y" if config.system == "kolmogorov" else "y [km]")
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
@@ -72,6 +75,9 @@ def plot_run(run_path, png_path, member: int = 0) -> Path:
     mean_spectrum = spectrum.mean(axis=0)
     positive = mean_spectrum > 0
     spectrum_axis.loglog(k[positive], mean_spectrum[positive], color="k")
+    if positive.any():  # the filtered tail falls to round-off; keep twelve decades in view
+        top = mean_spectrum[positive].max()
+        spectrum_axis.set_ylim(max(mean_spectrum[positive].min(), top * 1e-12) / 2, top * 2)
     spectrum_axis.set_xlabel("wavenumber k" + (" [rad/m]" if config.system == "qg" else ""))
     spectrum_axis.set_ylabel("E(k)")
     spectrum_axis.set_title(f"KE spectrum, batch mean ({saved_size}^2)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time as wallclock
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
              steps: int = 1000, save_every: int = 10, downsample: int | None = None, batch: int = 1,
              seed: int = 0, init: str | Path | None = None, perturb: float = 0.0,
              progress: bool = True, stepper: str | None = None,
-             output_dtype: str | None = None) -> SimulationResult:
+             output_dtype: str | None = None, stop: Callable[[], Any] | None = None) -> SimulationResult:
     """Runs a solver and streams snapshots into the emu file `out`.
 
     Args:
@@ -92,6 +92,9 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
         perturb: relative amplitude of noise added to an `init` state (0 = exact continuation).
         progress: show a progress bar with steps/s.
         output_dtype: dtype of /fields (default: the run's dtype).
+        stop: polled between steps (at each state check, every min(save_every, 100) steps); a truthy
+            return (e.g. the name of a signal received) ends the run as a KeyboardInterrupt would, at a
+            point where the file and its restart state agree (the CLI's SIGTERM/SIGINT use this).
 
     Returns:
         A `SimulationResult`. Raises `BlowUpError` after closing the file with the data so far.
@@ -142,16 +145,25 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
     bar = None
     started = wallclock.perf_counter()
     try:
+        if equation.backend.all_finite(state.state_hat):
+            save(state, 0)  # the start is a good state even when its CFL number fails the check below
         check_state(equation, state.state_hat, 0)
-        save(state, 0)
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, unit="step", desc=f"{config.system} {config.grid_size}^2 {backend}",
                        dynamic_ncols=True, mininterval=0.5)
-        state = integrate(time_stepper, state, steps, save_every, on_save=save,
-                          progress=bar.update if bar is not None else None)
+
+        def report(done: int) -> None:
+            if bar is not None:
+                bar.update(done)
+            reason = stop() if stop is not None else None
+            if reason:
+                raise KeyboardInterrupt(reason if isinstance(reason, str) else "stop requested")
+
+        state = integrate(time_stepper, state, steps, save_every, on_save=save, progress=report)
         if steps % save_every:
+            check_state(equation, state.state_hat, steps)  # integrate checks only every check_every steps
             save(state, steps)
     except BaseException as error:
         if bar is not None:

@@ -43,6 +43,13 @@ FORMAT_VERSION = 1
 STATUSES = ("complete", "blew_up", "interrupted", "failed")
 
 
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @dataclass
 class RestartState:
     """What a run needs to continue exactly: spectral state, stepper memory, counters (numpy)."""
@@ -76,6 +83,7 @@ class SnapshotWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(handle)
+        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600; the result should read like any file
         self.temporary = Path(temporary)
         self.file = h5py.File(self.temporary, "w")
         self.count = 0
@@ -151,6 +159,9 @@ class SnapshotWriter:
             return self.path
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        for dataset in (self.fields, self._time, self._step, self._energy, self._enstrophy, self._cfl):
+            if dataset.shape[0] != self.count:  # an append cut short (a second Ctrl-C): drop its rows
+                dataset.resize(self.count, axis=0)
         self.file.attrs["status"] = status
         self.file.attrs["message"] = message
         self.file.attrs["snapshots"] = self.count
