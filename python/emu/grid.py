@@ -21,6 +21,18 @@ def angular_wavenumbers(num_points: int, domain_extent: float) -> tuple[np.ndarr
     return kx[np.newaxis, :], ky[:, np.newaxis]
 
 
+def rfft_weights(num_points: int) -> np.ndarray:
+    """Multiplicity of each rfft2 column in the full spectrum: 1 for kx = 0 and Nyquist, else 2.
+
+    Sums over the half spectrum weighted this way equal sums over the full spectrum (Parseval).
+    """
+    weights = np.full(num_points // 2 + 1, 2.0)
+    weights[0] = 1.0
+    if num_points % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
 def two_thirds_mask(num_points: int) -> np.ndarray:
     """Orszag's 2/3 rule as a 0/1 mask in rfft2 layout: keeps modes with |index| < n/3 on both axes.
 
@@ -94,8 +106,15 @@ class Grid:
         self.wavenumber_squared = backend.asarray(k2)
         self.inverse_wavenumber_squared = backend.asarray(inverse_k2)
         self.dealias = backend.asarray(two_thirds_mask(self.num_points))
+        self.rfft_weights = backend.asarray(rfft_weights(self.num_points))
         self.x = np.arange(self.num_points) * self.spacing
         self.y = np.arange(self.num_points) * self.spacing
+
+    def mean_from_spectrum(self, density_hat) -> np.ndarray:
+        """Domain mean of a quadratic quantity from its half-spectrum density |f_hat|^2 (Parseval):
+        <f^2> = sum over the full spectrum of |f_hat|^2 / n^4. Sums the last two axes; numpy result."""
+        total = self.backend.xp.sum(density_hat * self.rfft_weights, axis=(-2, -1))
+        return self.backend.to_numpy(total) / self.num_points**4
 
     def to_spectral(self, field):
         """rfft2 over the last two axes."""

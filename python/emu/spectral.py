@@ -8,19 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu.grid import angular_wavenumbers
-
-
-def rfft_weights(num_points: int) -> np.ndarray:
-    """Multiplicity of each rfft2 column in the full spectrum: 1 for kx = 0 and Nyquist, else 2.
-
-    Sums over the half spectrum weighted this way equal sums over the full spectrum (Parseval).
-    """
-    weights = np.full(num_points // 2 + 1, 2.0)
-    weights[0] = 1.0
-    if num_points % 2 == 0:
-        weights[-1] = 1.0
-    return weights
+from emu.grid import angular_wavenumbers, rfft_weights  # noqa: F401  (rfft_weights is part of this API)
 
 
 def exponential_filter(num_points: int, filter_factor: float = 23.6, cutoff: float = 0.65 * np.pi) -> np.ndarray:

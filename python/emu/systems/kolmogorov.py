@@ -27,7 +27,7 @@ import numpy as np
 
 from emu.backends import ArrayBackend
 from emu.grid import Grid, jax_cfd_mask, two_thirds_mask
-from emu.spectral import isotropic_spectrum, rfft_weights
+from emu.spectral import isotropic_spectrum
 from emu.systems.base import (
     SystemConfig,
     require,
@@ -218,21 +218,14 @@ class KolmogorovEquation:
         return vorticity * (self.config.max_velocity / speed)
 
     # -- diagnostics ----------------------------------------------------------------------------
-    def _half_spectrum_mean(self, density_hat) -> np.ndarray:
-        """Domain mean of a quadratic quantity from its half-spectrum |.|^2 density, per sample."""
-        n = self.grid.num_points
-        weights = self.backend.asarray(rfft_weights(n))
-        total = self.backend.xp.sum(density_hat * weights, axis=(-2, -1))
-        return self.backend.to_numpy(total) / n**4
-
     def energy(self, omega_hat) -> np.ndarray:
         """E = 1/2 <|u|^2> per sample (domain mean)."""
         magnitude = self.backend.xp.abs(omega_hat) ** 2 * self.grid.inverse_wavenumber_squared
-        return 0.5 * self._half_spectrum_mean(magnitude)
+        return 0.5 * self.grid.mean_from_spectrum(magnitude)
 
     def enstrophy(self, omega_hat) -> np.ndarray:
         """Z = 1/2 <omega^2> per sample (domain mean)."""
-        return 0.5 * self._half_spectrum_mean(self.backend.xp.abs(omega_hat) ** 2)
+        return 0.5 * self.grid.mean_from_spectrum(self.backend.xp.abs(omega_hat) ** 2)
 
     def cfl(self, omega_hat) -> float:
         """Courant number max(|u|, |v|) dt / dx over the batch."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from emu.backends import ArrayBackend
 from emu.grid import Grid, two_thirds_mask
-from emu.spectral import exponential_filter, isotropic_spectrum, rfft_weights
+from emu.spectral import exponential_filter, isotropic_spectrum
 from emu.systems.base import (
     SystemConfig,
     require,
@@ -234,16 +234,10 @@ class QGEquation:
         return pv
 
     # -- diagnostics ----------------------------------------------------------------------------
-    def _half_spectrum_mean(self, density_hat) -> np.ndarray:
-        n = self.grid.num_points
-        weights = self.backend.asarray(rfft_weights(n))
-        total = self.backend.xp.sum(density_hat * weights, axis=(-2, -1))
-        return self.backend.to_numpy(total) / n**4
-
     def layer_energy(self, q_hat) -> np.ndarray:
         """Kinetic energy 1/2 <|u_m|^2> per sample and layer, shape (batch, 2) [m^2/s^2]."""
         psi_hat = self.streamfunction_hat(q_hat)
-        return 0.5 * self._half_spectrum_mean(self.backend.xp.abs(psi_hat) ** 2 * self.grid.wavenumber_squared)
+        return 0.5 * self.grid.mean_from_spectrum(self.backend.xp.abs(psi_hat) ** 2 * self.grid.wavenumber_squared)
 
     def energy(self, q_hat) -> np.ndarray:
         """Thickness-weighted kinetic energy (H_1 KE_1 + H_2 KE_2)/H per sample [m^2/s^2]."""
@@ -254,7 +248,7 @@ class QGEquation:
     def enstrophy(self, q_hat) -> np.ndarray:
         """Thickness-weighted PV enstrophy 1/2 <q_m^2> per sample [1/s^2]."""
         w1, w2 = self.config.layer_weights
-        layer = 0.5 * self._half_spectrum_mean(self.backend.xp.abs(q_hat) ** 2)
+        layer = 0.5 * self.grid.mean_from_spectrum(self.backend.xp.abs(q_hat) ** 2)
         return w1 * layer[:, 0] + w2 * layer[:, 1]
 
     def cfl(self, q_hat) -> float:
