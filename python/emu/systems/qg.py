@@ -168,9 +168,9 @@ class QGEquation:
         # (1, 2, 1, 1): per-layer constants broadcast over batch and wavenumbers.
         self.background_velocity = backend.asarray(
             np.array([config.upper_layer_velocity, config.lower_layer_velocity]).reshape(1, 2, 1, 1))
-        self.beta_term = backend.asarray(np.stack([beta1 * 1j * self.grid.kx_numpy * np.ones_like(k2),
-                                                   beta2 * 1j * self.grid.kx_numpy * np.ones_like(k2)])[np.newaxis])
-        self.drag_term = backend.asarray(config.bottom_drag * k2)
+        psi_to_tendency = -np.stack([beta1 * 1j * self.grid.kx_numpy * np.ones_like(k2),
+                                     beta2 * 1j * self.grid.kx_numpy - config.bottom_drag * k2])
+        self._psi_to_tendency = backend.asarray(psi_to_tendency[np.newaxis])  # beta and drag on psi
         self._minus_ikx = backend.asarray(-1j * self.grid.kx_numpy * np.ones_like(k2))
         self._minus_iky = backend.asarray(-1j * self.grid.ky_numpy * np.ones_like(k2))
         if config.filter == "exponential":
@@ -184,28 +184,33 @@ class QGEquation:
     # -- the equation -------------------------------------------------------------------------
     def streamfunction_hat(self, q_hat):
         """PV inversion: psi_hat (batch, 2, n, n//2+1)."""
-        a = self.inversion
+        a, native = self.inversion, self.backend.native
         q1, q2 = q_hat[:, 0], q_hat[:, 1]
-        return self.backend.stack([a[0][0] * q1 + a[0][1] * q2, a[1][0] * q1 + a[1][1] * q2], axis=1)
+        psi_hat = self.backend.empty(tuple(q_hat.shape), complex_valued=True)
+        for layer in range(2):
+            native.multiply(a[layer][0], q1, out=psi_hat[:, layer])
+            psi_hat[:, layer] += a[layer][1] * q2
+        return psi_hat
 
     def explicit_terms(self, q_hat):
         """dq_hat/dt: advection (with background flow), beta and bottom drag, as pyqg computes it."""
-        grid, native = self.grid, self.backend.native
+        grid, native, backend = self.grid, self.backend.native, self.backend
         psi_hat = self.streamfunction_hat(q_hat)
         # Inputs of the three inverse transforms (q, u, v) written into one buffer: one batched call.
-        spectral = self.backend.empty((3,) + tuple(q_hat.shape), complex_valued=True)
+        spectral = backend.empty((3,) + tuple(q_hat.shape), complex_valued=True)
         spectral[0] = q_hat
         native.multiply(self._minus_iky, psi_hat, out=spectral[1])
         native.multiply(grid.ikx, psi_hat, out=spectral[2])
         q, u, v = grid.to_physical(spectral)
+        fluxes = backend.empty((2,) + tuple(q.shape))
         u += self.background_velocity  # pyqg advects with the total zonal velocity u_m + U_m
-        u *= q
-        v *= q
-        fluxes_hat = grid.to_spectral(self.backend.stack([u, v]))
+        native.multiply(u, q, out=fluxes[0])
+        native.multiply(v, q, out=fluxes[1])
+        fluxes_hat = grid.to_spectral(fluxes)
+        # -(i k F_u + i l F_v) - i k beta_m psi + drag k^2 psi_2, with the psi factors precomputed.
         tendency = self._minus_ikx * fluxes_hat[0]
         tendency += self._minus_iky * fluxes_hat[1]
-        tendency -= self.beta_term * psi_hat
-        tendency[:, 1] += self.drag_term * psi_hat[:, 1]
+        tendency += self._psi_to_tendency * psi_hat
         return tendency
 
     # -- state conversion ---------------------------------------------------------------------
