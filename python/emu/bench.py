@@ -2,7 +2,9 @@
 
 Speed is measured here and in scripts/, never in tests. Each measurement: build the solver, take
 warm-up steps, then step for about `seconds` of wall time and report steps per second (one step of
-the whole batch) and grid-point updates per second (batch * n^2 * steps/s / 1e6, "Mpts*steps/s").
+the whole batch), trajectory-steps per second (batch * steps/s: what an ensemble run produces) and
+grid-point updates per second (batch * n^2 * steps/s / 1e6). The peers step one trajectory at a
+time, so "vs peer" compares trajectory-steps/s; with --batch 1 that is plain steps/s.
 
 Peers, when available on this machine:
   jax-cfd (kolmogorov): `ForcedNavierStokes2D` + `crank_nicolson_rk4`, the step jitted and repeated
@@ -130,7 +132,7 @@ def run_benchmarks(*, system: str, preset: str | None, backends: list[str], grid
     """Runs every (backend, grid) pair and the peer for `system`; prints a table; returns the rows."""
     preset_name = make_config(system, preset).preset
     rows = []
-    header = f"{'solver':<22}{'grid':>6}{'batch':>7}{'steps/s':>12}{'Mpts*steps/s':>15}{'vs peer':>10}"
+    header = f"{'solver':<22}{'grid':>6}{'batch':>7}{'steps/s':>12}{'traj-steps/s':>14}{'Mpts*steps/s':>15}{'vs peer':>10}"
     echo(f"emu bench: {system} ({preset_name}), {dtype}, ~{seconds:g} s per measurement")
     echo(header)
     echo("-" * len(header))
@@ -150,7 +152,7 @@ def run_benchmarks(*, system: str, preset: str | None, backends: list[str], grid
         if peer is not None:
             rate, label = peer
             rows.append({"solver": label, "grid": grid, "batch": 1, "steps_per_second": rate})
-            echo(f"{label:<22}{grid:>6}{1:>7}{rate:>12.1f}{grid * grid * rate / 1e6:>15.1f}{'1.00':>10}")
+            echo(f"{label:<22}{grid:>6}{1:>7}{rate:>12.1f}{rate:>14.1f}{grid * grid * rate / 1e6:>15.1f}{'1.00':>10}")
         for backend in backends:
             label = f"emu {backend}" + (f" ({device})" if device else "")
             try:
@@ -158,10 +160,11 @@ def run_benchmarks(*, system: str, preset: str | None, backends: list[str], grid
             except BackendUnavailable as error:
                 notes.append(f"{backend}: {error}")
                 continue
-            ratio = rate / peer[0] if peer is not None else float("nan")
+            ratio = batch * rate / peer[0] if peer is not None else float("nan")
             rows.append({"solver": label, "grid": grid, "batch": batch, "steps_per_second": rate, "vs_peer": ratio})
             ratio_text = f"{ratio:.2f}" if peer is not None else "-"
-            echo(f"{label:<22}{grid:>6}{batch:>7}{rate:>12.1f}{batch * grid * grid * rate / 1e6:>15.1f}{ratio_text:>10}")
+            echo(f"{label:<22}{grid:>6}{batch:>7}{rate:>12.1f}{batch * rate:>14.1f}"
+                 f"{batch * grid * grid * rate / 1e6:>15.1f}{ratio_text:>10}")
     for note in dict.fromkeys(notes):
         echo(f"note: {note}")
     return rows
