@@ -178,5 +178,151 @@ def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_py
         raise click.ClickException(str(error)) from error
 
 
+GENERATE_DEFAULTS = {"kolmogorov": {"grid": 128, "downsample": 64, "spinup": "10", "interval": 5},
+                     "qg": {"grid": 64, "downsample": 64, "spinup": "3y", "interval": 5}}
+
+
+@main.command()
+@click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True)
+@click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
+@click.option("--trajectories", type=int, default=16, show_default=True, help="Trajectories over all shards and splits.")
+@click.option("--length", type=int, default=20, show_default=True, help="Snapshots per trajectory.")
+@click.option("--interval", type=int, default=None, help="Solver steps between snapshots. [default: 5]")
+@click.option("--spinup", default=None, help="Model time from the random start to the first snapshot; qg takes 200d or 3y. "
+              "[default: 10 kolmogorov, 3y qg]")
+@click.option("--grid", "grid_size", type=int, default=None, help="Solver grid. [default: 128 kolmogorov, 64 qg]")
+@click.option("--dt", type=float, default=None, help="Solver time step (default: the config's).")
+@click.option("--downsample", type=int, default=None, help="Saved grid size. [default: 64]")
+@click.option("--split", default="0.9,0.05,0.05", show_default=True, help="Fractions of train,valid,test.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True, help="Trajectories stepped together.")
+@click.option("--shard", type=int, default=0, show_default=True, help="This process makes shard SHARD of NUM_SHARDS.")
+@click.option("--num-shards", type=int, default=1, show_default=True)
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="Any other config field.")
+@click.option("--out", type=click.Path(file_okay=False), default="data", show_default=True, help="Dataset folder.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def generate(system, preset, backend, device, dtype, trajectories, length, interval, spinup, grid_size, dt, downsample,
+             split, seed, batch, shard, num_shards, settings, out, progress):
+    """Generate training trajectories from spun-up random states (The Well's HDF5 format).
+
+    \b
+    python -m emu.cli generate --system kolmogorov --backend numpy --trajectories 6 --length 5 --grid 64 --downsample 32 --out data/
+    python -m emu.cli generate --system qg --trajectories 100 --shard 0 --num-shards 4 --out qgdata/   # one of 4 processes
+    python -m emu.cli data merge qgdata/ --out qgmerged/
+
+    Rerunning the same command resumes a stopped run; other parameters into the same folder are refused.
+    """
+    from emu.generate import GenerationPlan, generate as run_generation, parse_model_time, spinup_steps
+    from emu.solvers import BlowUpError
+    from emu.systems import make_config
+
+    defaults = GENERATE_DEFAULTS[system]
+    try:
+        config = make_config(system, preset, grid_size=grid_size or defaults["grid"], dt=dt, **_parse_settings(settings))
+        try:
+            fractions = tuple(float(part) for part in split.split(","))
+        except ValueError:
+            raise ConfigError(f"split must be three numbers like 0.9,0.05,0.05, got {split!r}") from None
+        plan = GenerationPlan(config, trajectories=trajectories, length=length,
+                              interval=interval or defaults["interval"],
+                              spinup_steps=spinup_steps(config, parse_model_time(spinup or defaults["spinup"], system)),
+                              downsample=downsample or min(defaults["downsample"], config.grid_size),
+                              split=fractions, seed=seed, batch=batch, dtype=dtype)
+        from emu.generate import shard_range
+
+        start, stop = shard_range(trajectories, shard, num_shards) if 0 <= shard < num_shards else (0, 0)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=stop - start, unit="traj", desc=f"{system} shard {shard}/{num_shards}", dynamic_ncols=True)
+        try:
+            files = run_generation(plan, out, shard=shard, num_shards=num_shards, backend=backend, device=device,
+                                   progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    except BlowUpError as error:
+        click.echo(f"error: {error}; the trajectories completed so far are kept in {out}: rerun to resume "
+                   f"(or lower --dt)", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: completed trajectories are kept in {out}; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except (ConfigError, ValueError, BackendUnavailable) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{system} ({config.preset}): {stop - start} trajectories x {plan.length} snapshots every "
+               f"{plan.snapshot_interval:.4g} (spin-up {plan.spinup_steps} steps), {plan.downsample}^2 -> "
+               + ", ".join(str(f) for f in files))
+
+
+@main.group()
+def data():
+    """Inspect, check and merge datasets made by `generate`."""
+
+
+@data.command()
+@click.argument("path", type=click.Path(exists=True))
+def info(path):
+    """What a dataset folder (or one file) holds.
+
+    \b
+    python -m emu.cli data info data/
+    """
+    from emu.data.inspect import describe
+
+    try:
+        click.echo(describe(path))
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise click.ClickException(str(error)) from error
+
+
+@data.command()
+@click.argument("path", type=click.Path(exists=True))
+def validate(path):
+    """Check shapes, completeness, NaN/inf and the stored statistics; exit 1 on any problem.
+
+    \b
+    python -m emu.cli data validate data/
+    """
+    from emu.data.inspect import validate as run_validation
+
+    problems, summary = run_validation(path)
+    click.echo(summary)
+    if problems:
+        for problem in problems:
+            click.echo(f"problem: {problem}", err=True)
+        sys.exit(1)
+
+
+@data.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the merged files.")
+def merge(path, out):
+    """Join shard files into one file per split with HDF5 virtual datasets (no copy).
+
+    \b
+    python -m emu.cli data merge data/ --out merged/
+    """
+    import shutil
+    from pathlib import Path
+
+    from emu.data.well import merge_shards
+    from emu.generate import MANIFEST
+
+    try:
+        files = merge_shards(path, out)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    if not files:
+        raise click.ClickException(f"{path}: no finished shard files under data/{{train,valid,test}}/")
+    if (Path(path) / MANIFEST).exists():
+        shutil.copy2(Path(path) / MANIFEST, Path(out) / MANIFEST)
+    click.echo("merged (virtual datasets, no copy): " + ", ".join(str(f) for f in files))
+
+
 if __name__ == "__main__":
     main()
