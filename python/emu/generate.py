@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from emu.backends import get_backend
-from emu.data.well import SPLITS, create_well_file, finish_file, write_trajectories
+from emu.data.well import SPLITS, create_well_file, finish_file, split_files, write_trajectories, write_well_statistics
 from emu.runs import snapshot_fields
 from emu.solvers import StepperState, check_state, integrate, make_stepper
 from emu.systems import SystemConfig, config_from_dict, make_equation
@@ -132,9 +132,17 @@ def check_manifest(directory: Path, plan: GenerationPlan) -> None:
     if path.exists():
         existing = json.loads(path.read_text())
         if existing != wanted:
-            differences = sorted(
-                key for key in set(existing) | set(wanted) if existing.get(key) != wanted.get(key))
-            detail = "; ".join(f"{key}: folder has {existing.get(key)!r}, asked {wanted.get(key)!r}"
+            def flat(values: dict) -> dict:  # config fields as config.NAME, so the message names them
+                return {f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
+                        for key, value in values.items()
+                        for inner, inner_value in (value.items() if isinstance(value, dict) else [(key, value)])}
+
+            existing_flat, wanted_flat = flat(existing), flat(wanted)
+            differences = sorted(key for key in set(existing_flat) | set(wanted_flat)
+                                 if existing_flat.get(key) != wanted_flat.get(key))
+            if "config.system" in differences:  # another system: its other fields say nothing more
+                differences = [key for key in differences if not key.startswith("config.") or key == "config.system"]
+            detail = "; ".join(f"{key}: folder has {existing_flat.get(key)!r}, asked {wanted_flat.get(key)!r}"
                                for key in differences)
             raise ConfigError(f"out: {directory} already holds a dataset made with other parameters "
                               f"({detail}); choose another --out or the same parameters to resume")
@@ -233,6 +241,9 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
         finish_file(handle)
         os.replace(partial, final)
         finished.append(final)
+    if split_files(directory, "train"):
+        # From every finished training file present: the last shard to finish writes the full set.
+        write_well_statistics(directory)
     return finished
 
 

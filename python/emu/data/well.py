@@ -60,10 +60,11 @@ def create_well_file(path, *, dataset_name: str, channels: list[str], n_trajecto
     dimensions = handle.create_group("dimensions")
     dimensions.attrs["spatial_dims"] = _string_list(["x", "y"])
     coordinates = np.arange(grid_size) * (domain_extent / grid_size)
-    time = dimensions.create_dataset("time", data=np.arange(n_steps) * snapshot_interval)
+    time = dimensions.create_dataset("time", data=(np.arange(n_steps) * snapshot_interval).astype(np.float32))
     time.attrs["sample_varying"] = False
+    time.attrs["time_varying"] = True
     for axis in ("x", "y"):
-        dataset = dimensions.create_dataset(axis, data=coordinates)
+        dataset = dimensions.create_dataset(axis, data=coordinates.astype(np.float32))
         dataset.attrs["sample_varying"] = False
         dataset.attrs["time_varying"] = False
 
@@ -76,13 +77,13 @@ def create_well_file(path, *, dataset_name: str, channels: list[str], n_trajecto
         group.attrs["sample_varying"] = False
         group.attrs["time_varying"] = False
         mask = np.zeros(grid_size, dtype=bool)
-        mask[0] = mask[-1] = True
+        mask[0] = mask[-1] = True  # the_well reads an all-False mask as an OPEN boundary
         group.create_dataset("mask", data=mask)
 
     scalars = handle.create_group("scalars")
     scalars.attrs["field_names"] = _string_list(parameters)
     for name, value in parameters.items():
-        dataset = scalars.create_dataset(name, data=np.float64(value))
+        dataset = scalars.create_dataset(name, data=np.float32(value))
         dataset.attrs["sample_varying"] = False
         dataset.attrs["time_varying"] = False
 
@@ -108,8 +109,9 @@ def create_well_file(path, *, dataset_name: str, channels: list[str], n_trajecto
     group.create_dataset("trajectory_ids", data=np.asarray(trajectory_ids, dtype=np.int64))
     group.create_dataset("trajectory_seeds", data=np.asarray(trajectory_seeds, dtype=np.uint64))
     zeros = np.zeros(len(channels))
-    for name in ("count", "sum", "sum_of_squares"):
-        group.attrs[f"train_{name}"] = zeros if name != "count" else 0.0
+    for prefix in ("train", "train_delta"):
+        for name in ("count", "sum", "sum_of_squares"):
+            group.attrs[f"{prefix}_{name}"] = zeros if name != "count" else 0.0
     return handle
 
 
@@ -124,9 +126,11 @@ def write_trajectories(handle: h5py.File, first: int, fields: np.ndarray, train:
     if train:
         stored = fields.astype(np.float32).astype(np.float64)  # statistics of what the file holds
         axes = (0, 1, 3, 4)
-        group.attrs["train_count"] = group.attrs["train_count"] + stored[:, :, 0].size
-        group.attrs["train_sum"] = group.attrs["train_sum"] + stored.sum(axis=axes)
-        group.attrs["train_sum_of_squares"] = group.attrs["train_sum_of_squares"] + (stored**2).sum(axis=axes)
+        # Snapshots and one-step increments (the_well's mean_delta/std_delta, for residual models).
+        for prefix, values in (("train", stored), ("train_delta", np.diff(stored, axis=1))):
+            group.attrs[f"{prefix}_count"] = group.attrs[f"{prefix}_count"] + values[:, :, 0].size
+            group.attrs[f"{prefix}_sum"] = group.attrs[f"{prefix}_sum"] + values.sum(axis=axes)
+            group.attrs[f"{prefix}_sum_of_squares"] = group.attrs[f"{prefix}_sum_of_squares"] + (values**2).sum(axis=axes)
     group.attrs["completed"] = first + batch
     handle.flush()
 
@@ -174,6 +178,39 @@ def dataset_statistics(directory) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return mean, std, channels
 
 
+def write_well_statistics(directory) -> Path:
+    """Writes DIR/stats.yaml in the_well's format (mean, std, rms and their *_delta per field, over the
+    training split) so `WellDataset(..., use_normalization=True, normalization_type=ZScoreNormalization)`
+    works. JSON is valid YAML, so no YAML writer is needed. Atomic (temp + rename)."""
+    directory = Path(directory)
+    totals: dict[str, Any] = {}
+    channels = None
+    for path in split_files(directory, "train"):
+        with h5py.File(path, "r") as handle:
+            group = handle[EMU_GROUP]
+            channels = json.loads(group.attrs["channels"])
+            for prefix in ("train", "train_delta"):
+                for name in ("count", "sum", "sum_of_squares"):
+                    key = f"{prefix}_{name}"
+                    totals[key] = totals.get(key, 0.0) + group.attrs[key]
+    if channels is None:
+        raise FileNotFoundError(f"{directory}: no training files under data/train/")
+    statistics: dict[str, dict[str, float]] = {}
+    for prefix, suffix in (("train", ""), ("train_delta", "_delta")):
+        count = float(totals[f"{prefix}_count"])
+        if count <= 0:  # one snapshot per trajectory: no increments
+            continue
+        mean, std = statistics_from_sums(count, totals[f"{prefix}_sum"], totals[f"{prefix}_sum_of_squares"])
+        rms = np.sqrt(np.asarray(totals[f"{prefix}_sum_of_squares"]) / count)
+        for name, values in (("mean", mean), ("std", std), ("rms", rms)):
+            statistics[name + suffix] = {channel: float(v) for channel, v in zip(channels, values)}
+    target = directory / "stats.yaml"
+    temporary = directory / ".stats.yaml.tmp"
+    temporary.write_text(json.dumps(statistics, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, target)
+    return target
+
+
 def read_trajectories(path, trajectories=slice(None), steps=slice(None)) -> np.ndarray:
     """Reads fields back in emu layout (trajectory, time, channel, y, x) as float32."""
     with h5py.File(path, "r") as handle:
@@ -186,7 +223,12 @@ def merge_shards(directory, out) -> list[Path]:
     """Joins the shard files of each split into one file per split under `out`, with HDF5 virtual
     datasets that point into the shard files (no copy of field data; relative paths, so the two
     folders can move together). Trajectory ids, seeds and the combined training statistics are
-    stored in the merged files' `emu` group. Returns the merged files."""
+    stored in the merged files' `emu` group. Returns the merged files.
+
+    h5py, emu's loaders and any HDF5 reader that opens files by name follow the virtual datasets.
+    the_well's `WellDataset` opens files through fsspec file objects, through which HDF5 cannot
+    reach the source files: point it at the shard folder instead (it reads several files per split
+    natively); the fill value NaN makes a reader that cannot follow the links fail visibly."""
     directory, out = Path(directory), Path(out)
     merged = []
     for split in SPLITS:
@@ -227,7 +269,8 @@ def merge_shards(directory, out) -> list[Path]:
                         layout[offset:offset + count] = h5py.VirtualSource(relative, f"t0_fields/{channel}",
                                                                            shape=(count,) + reference.shape[1:])
                         offset += count
-                    dataset = fields.create_virtual_dataset(channel, layout)
+                    # NaN fill: a reader that cannot reach the shard files sees NaN, never silent zeros.
+                    dataset = fields.create_virtual_dataset(channel, layout, fillvalue=np.nan)
                     for key, value in reference.attrs.items():
                         dataset.attrs[key] = value
                 group = merged_handle.create_group(EMU_GROUP)
@@ -237,8 +280,10 @@ def merge_shards(directory, out) -> list[Path]:
                 group.attrs["merged_from"] = json.dumps([os.path.relpath(p, target_folder) for p in sources])
                 for name in ("trajectory_ids", "trajectory_seeds"):
                     group.create_dataset(name, data=np.concatenate([h[EMU_GROUP][name][()] for h in handles]))
-                for name in ("count", "sum", "sum_of_squares"):
-                    group.attrs[f"train_{name}"] = sum(h[EMU_GROUP].attrs[f"train_{name}"] for h in handles)
+                for prefix in ("train", "train_delta"):
+                    for name in ("count", "sum", "sum_of_squares"):
+                        key = f"{prefix}_{name}"
+                        group.attrs[key] = sum(h[EMU_GROUP].attrs[key] for h in handles)
                 if group.attrs["train_count"] > 0:
                     mean, std = statistics_from_sums(group.attrs["train_count"], group.attrs["train_sum"],
                                                      group.attrs["train_sum_of_squares"])
@@ -248,4 +293,6 @@ def merge_shards(directory, out) -> list[Path]:
                 handle.close()
         os.replace(temporary, target)
         merged.append(target)
+    if merged and split_files(out, "train"):
+        write_well_statistics(out)
     return merged
