@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from emu.data.well import EMU_GROUP, dataset_statistics, split_files
+from emu.data.well import EMU_GROUP, SPLITS, dataset_statistics, split_files
 
 
 class Normalizer:
@@ -68,6 +68,8 @@ class _H5Files(Dataset):
     """Shared machinery: the split's files, their shapes, and per-process lazy handles."""
 
     def __init__(self, directory, split: str, normalizer: Normalizer | None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.directory = Path(directory)
         self.files = split_files(self.directory, split)
         if not self.files:
