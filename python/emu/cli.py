@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -199,8 +200,9 @@ GENERATE_DEFAULTS = {"kolmogorov": {"grid": 128, "downsample": 64, "spinup": "10
 @click.option("--split", default="0.9,0.05,0.05", show_default=True, help="Fractions of train,valid,test.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True, help="Trajectories stepped together.")
-@click.option("--shard", type=int, default=0, show_default=True, help="This process makes shard SHARD of NUM_SHARDS.")
-@click.option("--num-shards", type=int, default=1, show_default=True)
+@click.option("--shard", type=int, default=None, help="This process makes shard SHARD of NUM_SHARDS. "
+              "[default: torchrun's RANK when WORLD_SIZE is set, else 0]")
+@click.option("--num-shards", type=int, default=None, help="[default: torchrun's WORLD_SIZE, else 1]")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="Any other config field.")
 @click.option("--out", type=click.Path(file_okay=False), default="data", show_default=True, help="Dataset folder.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -220,6 +222,11 @@ def generate(system, preset, backend, device, dtype, trajectories, length, inter
     from emu.systems import make_config
 
     defaults = GENERATE_DEFAULTS[system]
+    # Under torchrun (or any launcher that sets RANK/WORLD_SIZE) each rank makes its own shard.
+    if num_shards is None:
+        num_shards = int(os.environ.get("WORLD_SIZE", 1))
+    if shard is None:
+        shard = int(os.environ.get("RANK", 0)) if "WORLD_SIZE" in os.environ else 0
     try:
         config = make_config(system, preset, grid_size=grid_size or defaults["grid"], dt=dt, **_parse_settings(settings))
         try:

@@ -99,6 +99,7 @@ class GenerationPlan:
     @classmethod
     def from_manifest(cls, values: dict[str, Any]) -> "GenerationPlan":
         values = dict(values)
+        values.pop("num_shards", None)  # the folder's manifest also records how it was sharded
         values["config"] = config_from_dict(values["config"])
         values["split"] = tuple(values["split"])
         return cls(**values)
@@ -124,11 +125,12 @@ def _write_json_atomically(path: Path, values: dict) -> None:
     os.replace(temporary, path)
 
 
-def check_manifest(directory: Path, plan: GenerationPlan) -> None:
-    """Writes the plan's manifest, or refuses if the folder already holds a different dataset."""
+def check_manifest(directory: Path, plan: GenerationPlan, num_shards: int = 1) -> None:
+    """Writes the plan's manifest, or refuses if the folder already holds a different dataset (or
+    the same one cut into another number of shards, whose trajectory ranges would overlap)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
-    wanted = json.loads(json.dumps(plan.manifest()))
+    wanted = json.loads(json.dumps(dict(plan.manifest(), num_shards=num_shards)))
     if path.exists():
         existing = json.loads(path.read_text())
         if existing != wanted:
@@ -192,7 +194,7 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
     require(isinstance(num_shards, int) and num_shards >= 1, "num_shards", "an integer >= 1", num_shards)
     require(isinstance(shard, int) and 0 <= shard < num_shards, "shard", f"an integer in [0, {num_shards})", shard)
     directory = Path(out)
-    check_manifest(directory, plan)
+    check_manifest(directory, plan, num_shards)
     equation = make_equation(plan.config, get_backend(backend, device=device, dtype=plan.dtype))
     stepper = make_stepper(equation, plan.config.dt)
     name = name or f"emu_{plan.config.system}_{plan.config.preset}"
