@@ -76,12 +76,12 @@ class FFTWPlans:
     # costs more than it saves (64^2 grids); above it, two threads halve the time on 2 cores.
     threading_threshold = 2**15
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, planner: str | None = None):
         import pyfftw
 
         self._pyfftw = pyfftw
         self.threads = threads or int(os.environ.get("EMU_FFTW_THREADS", 0)) or len(os.sched_getaffinity(0))
-        self.planner = os.environ.get("EMU_FFTW_PLANNER", "FFTW_MEASURE")
+        self.planner = planner or os.environ.get("EMU_FFTW_PLANNER", "FFTW_MEASURE")
         self._plans: dict = {}
 
     def _plan(self, direction: str, shape: tuple, dtype, physical_shape: tuple[int, int]):
@@ -122,19 +122,23 @@ class FFTWPlans:
 _FFTW: dict[str, FFTWPlans] = {}
 
 
-def fftw_plans(owner: str = "numpy") -> FFTWPlans | None:
+def fftw_plans(owner: str = "numpy", reproducible: bool = False) -> FFTWPlans | None:
     """The process-wide FFTW plan cache of a backend, or None when pyFFTW is not installed.
 
     The numpy backend's plans use every core for large transforms; the torch backend's use one
     thread, because torch's own OpenMP threads spin while FFTW's run and two thread pools
-    oversubscribe the cores (measured: 10x slower steps at 256^2 on 2 cores).
+    oversubscribe the cores (measured: 10x slower steps at 256^2 on 2 cores). `reproducible` plans
+    use FFTW_ESTIMATE, which picks the same algorithm in every process (FFTW_MEASURE times
+    candidates and may pick differently, changing results at round-off, which chaos then grows).
     """
-    if owner not in _FFTW:
+    key = f"{owner}{'-reproducible' if reproducible else ''}"
+    if key not in _FFTW:
         try:
-            _FFTW[owner] = FFTWPlans(threads=None if owner == "numpy" else 1)
+            _FFTW[key] = FFTWPlans(threads=None if owner == "numpy" else 1,
+                                   planner="FFTW_ESTIMATE" if reproducible else None)
         except ImportError:
             return None
-    return _FFTW[owner]
+    return _FFTW[key]
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,12 @@ class ArrayBackend:
         return array.copy() if self.name == "numpy" else array.clone()
 
 
-def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "float64") -> ArrayBackend:
+def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "float64",
+                reproducible: bool = False) -> ArrayBackend:
     """Returns the array backend `name` on `device` in precision `dtype`.
+
+    `reproducible=True` makes FFTs bit-identical from process to process (FFTW_ESTIMATE plans), as
+    data generation needs for resumed and sharded runs to equal an uninterrupted one.
 
     Raises:
         ValueError: unknown name or dtype, or a device the backend does not have.
@@ -240,7 +248,7 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         import array_api_compat.numpy as xp
 
         use_fftw = os.environ.get("EMU_FFT", "fftw") != "numpy"
-        return ArrayBackend("numpy", "cpu", dtype, xp, fftw_plans() if use_fftw else None)
+        return ArrayBackend("numpy", "cpu", dtype, xp, fftw_plans("numpy", reproducible) if use_fftw else None)
     if name == "torch":
         import array_api_compat.torch as xp
         import torch
@@ -256,7 +264,7 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         # On the CPU, torch's own complex-to-real FFT is several times slower than planned FFTW;
         # CPU tensors go through FFTW (zero-copy numpy views) when pyFFTW is installed.
         use_fftw = device == "cpu" and os.environ.get("EMU_FFT", "fftw") != "numpy"
-        return ArrayBackend("torch", device, dtype, xp, fftw_plans("torch") if use_fftw else None)
+        return ArrayBackend("torch", device, dtype, xp, fftw_plans("torch", reproducible) if use_fftw else None)
     if name == "cupy":
         raise BackendUnavailable(
             "backend 'cupy' is not available yet: the CuPy backend and fused CUDA kernels land in their own "

@@ -195,7 +195,8 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
     require(isinstance(shard, int) and 0 <= shard < num_shards, "shard", f"an integer in [0, {num_shards})", shard)
     directory = Path(out)
     check_manifest(directory, plan, num_shards)
-    equation = make_equation(plan.config, get_backend(backend, device=device, dtype=plan.dtype))
+    # Reproducible FFT plans: a resumed or sharded run must equal an uninterrupted one bit for bit.
+    equation = make_equation(plan.config, get_backend(backend, device=device, dtype=plan.dtype, reproducible=True))
     stepper = make_stepper(equation, plan.config.dt)
     name = name or f"emu_{plan.config.system}_{plan.config.preset}"
     finished = []

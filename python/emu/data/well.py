@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,9 @@ def write_well_statistics(directory) -> Path:
         for name, values in (("mean", mean), ("std", std), ("rms", rms)):
             statistics[name + suffix] = {channel: float(v) for channel, v in zip(channels, values)}
     target = directory / "stats.yaml"
-    temporary = directory / ".stats.yaml.tmp"
-    temporary.write_text(json.dumps(statistics, indent=2, sort_keys=True) + "\n")
+    handle, temporary = tempfile.mkstemp(prefix=".stats.yaml.", suffix=".tmp", dir=directory)
+    with os.fdopen(handle, "w") as stream:  # a unique name: shards may finish at the same time
+        stream.write(json.dumps(statistics, indent=2, sort_keys=True) + "\n")
     os.replace(temporary, target)
     return target
 
