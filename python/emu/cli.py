@@ -9,6 +9,7 @@ import sys
 import threading
 
 import click
+import numpy as np
 
 from emu.backends import BACKENDS, DTYPES, BackendUnavailable
 from emu.systems import SYSTEMS
@@ -329,6 +330,82 @@ def merge(path, out):
     if (Path(path) / MANIFEST).exists():
         shutil.copy2(Path(path) / MANIFEST, Path(out) / MANIFEST)
     click.echo("merged (virtual datasets, no copy): " + ", ".join(str(f) for f in files))
+
+
+@main.group()
+def train():
+    """Train models (emulators now; diffusion stabilisers in later releases)."""
+
+
+@train.command()
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder from `generate`.")
+@click.option("--arch", type=click.Choice(["unet", "drn"]), default="drn", show_default=True)
+@click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
+@click.option("--unroll", type=int, default=4, show_default=True, help="Steps of the multistep loss.")
+@click.option("--noise", type=float, default=1e-5, show_default=True, help="Input noise tau (1e-5 DRN, 1e-4 UNet).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--amp", is_flag=True, help="bfloat16 autocast.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the network.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--out", type=click.Path(file_okay=False), default="run", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weight_decay, schedule, amp, compile_model,
+             workers, seed, device, out, resume, progress):
+    """Train a residual emulator with the unrolled multistep loss (torchrun for several processes).
+
+    \b
+    python -m emu.cli train emulator --data data/ --arch drn --epochs 1 --unroll 2 --out run/
+    torchrun --nproc-per-node 2 -m emu.cli train emulator --data data/ --arch drn --epochs 1 --unroll 2 --out run2/
+    """
+    from emu.training.trainer import TrainingConfig, train_emulator
+
+    try:
+        config = TrainingConfig(data=str(data_dir), arch=arch, preset=preset, unroll=unroll, noise=noise, epochs=epochs,
+                                batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
+                                compile=compile_model, seed=seed, num_workers=workers, device=device)
+        train_emulator(config, out, resume=resume, progress=progress, echo=click.echo)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"checkpoints: {out}/last.pt, {out}/best.pt; metrics: {out}/metrics.jsonl, {out}/loss.png")
+
+
+@main.command()
+@click.option("--emulator", "checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--init", "init", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
+@click.option("--trajectories", type=int, default=4, show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True)
+@click.option("--divergence-threshold", type=float, default=1e3, show_default=True,
+              help="RMS of the normalised state above which a trajectory is flagged as diverged.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--out", type=click.Path(dir_okay=False), default="rollout.h5", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, progress):
+    """Roll an emulator out from dataset initial states; streams the states to HDF5.
+
+    \b
+    python -m emu.cli rollout --emulator run/last.pt --init data/ --trajectories 1 --steps 20 --out r.h5
+    """
+    from emu.training.rollouts import rollout_to_file
+
+    try:
+        result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
+                                 divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    mse = result["mse"]
+    diverged = [int(d) for d in result["diverged_at"]]
+    click.echo(f"{trajectories} trajectories x {steps} steps from {result['split']} -> {out}; MSE vs solver at steps "
+               f"1..{mse.shape[1] - 1}: " + ", ".join(f"{v:.3g}" for v in np.nanmean(mse[:, 1:], axis=0))
+               + f"; diverged at: {diverged} (-1 = never)")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ def _string_list(values) -> np.ndarray:
 def create_well_file(path, *, dataset_name: str, channels: list[str], n_trajectories: int, n_steps: int,
                      grid_size: int, domain_extent: float, snapshot_interval: float,
                      parameters: dict[str, float], emu_attributes: dict[str, Any],
-                     trajectory_ids: np.ndarray, trajectory_seeds: np.ndarray) -> h5py.File:
-    """Creates (and returns open, mode w) an empty Well-format file for `n_trajectories` trajectories."""
+                     trajectory_ids: np.ndarray, trajectory_seeds: np.ndarray,
+                     steps_per_chunk: int | None = None) -> h5py.File:
+    """Creates (and returns open, mode w) an empty Well-format file for `n_trajectories` trajectories.
+
+    Chunks hold one whole trajectory by default; files written one time step at a time (rollouts)
+    use `steps_per_chunk=1` so each step touches only its own chunks."""
     handle = h5py.File(path, "w")
     root = handle.attrs
     root["dataset_name"] = dataset_name
@@ -93,7 +97,8 @@ def create_well_file(path, *, dataset_name: str, channels: list[str], n_trajecto
     shape = (n_trajectories, n_steps, grid_size, grid_size)
     for channel in channels:
         dataset = fields.create_dataset(channel, shape=shape, dtype=np.float32,
-                                        chunks=(1,) + shape[1:], compression="gzip", compression_opts=4)
+                                        chunks=(1, steps_per_chunk or n_steps) + shape[2:], compression="gzip",
+                                        compression_opts=4)
         dataset.attrs["dim_varying"] = np.array([True, True])
         dataset.attrs["sample_varying"] = True
         dataset.attrs["time_varying"] = True

@@ -1,0 +1,94 @@
+"""`emu rollout`: batched autoregressive emulator rollouts written in the dataset's HDF5 layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emu.data.loaders import Snapshots
+from emu.data.well import EMU_GROUP, create_well_file, split_files
+from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
+
+
+def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int = 100, split: str = "test",
+                    divergence_threshold: float = 1e3, device: str | None = None, seed: int = 0,
+                    progress: bool = True) -> dict:
+    """Rolls the emulator of `checkpoint` out from the first snapshot of `trajectories` trajectories
+    of the dataset `init` (split `split`, falling back to valid/train when empty) for `steps` steps
+    and streams the denormalised states into `out` (The Well layout, `emu` group with the per-step
+    MSE against the solver where the dataset has the reference, in normalised units, and the step at
+    which each trajectory diverged: RMS of the normalised state above `divergence_threshold` or
+    non-finite; -1 if never). Divergence is flagged, never fatal: the rollout goes on.
+    """
+    payload = load_checkpoint(checkpoint)
+    emulator, normalizer = emulator_from_checkpoint(payload)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    emulator.to(device)
+    chosen = next((s for s in (split, "valid", "train") if split_files(init, s)), None)
+    if chosen is None:
+        raise FileNotFoundError(f"{init}: no dataset files to take initial states from")
+    frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
+    available, stored_steps = frames.shapes[0][0], frames.shapes[0][1]
+    if not (isinstance(trajectories, int) and 1 <= trajectories <= available):
+        raise ValueError(f"trajectories must be in [1, {available}] (the first file of split {chosen!r}), got {trajectories!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    reference = torch.stack([torch.stack([frames._read(0, t, k) for k in range(stored_steps)])
+                             for t in range(trajectories)])  # (batch, stored_steps, C, y, x), normalised
+    dataset = payload["dataset"]
+    channels = dataset["channels"]
+    grid = reference.shape[-1]
+    config = dataset["config"]
+    extent = config.get("domain_extent", config.get("domain_length", 2 * np.pi))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.partial"
+    mse = np.full((trajectories, steps + 1), np.nan)
+    diverged = np.full(trajectories, -1, dtype=np.int64)
+    handle = create_well_file(
+        temporary, dataset_name=f"emu_rollout_{payload['model_config']['arch']}", channels=channels,
+        n_trajectories=trajectories, n_steps=steps + 1, grid_size=grid, domain_extent=float(extent),
+        snapshot_interval=dataset["snapshot_interval"], parameters={},
+        emu_attributes={"config": json.dumps(config), "checkpoint": str(checkpoint), "split": chosen,
+                        "kind": "emulator rollout", "model_config": json.dumps(payload["model_config"]),
+                        "divergence_threshold": divergence_threshold},
+        trajectory_ids=np.arange(trajectories), trajectory_seeds=np.zeros(trajectories), steps_per_chunk=1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, unit="step", desc="rollout", dynamic_ncols=True)
+
+    def write(step: int, state: torch.Tensor) -> None:
+        normalised = state.detach().float().cpu()
+        physical = normalizer.denormalise(normalised).numpy()
+        for index, channel in enumerate(channels):
+            handle["t0_fields"][channel][:, step] = np.swapaxes(physical[:, index], -1, -2)
+        if step < stored_steps:
+            mse[:, step] = ((normalised - reference[:, step]) ** 2).mean(dim=(1, 2, 3)).numpy()
+        rms = normalised.pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+        newly = (diverged < 0) & (~np.isfinite(rms) | (rms > divergence_threshold))
+        diverged[newly] = step
+        if bar is not None and step:
+            bar.update(1)
+
+    from emu.training.emulator import rollout
+
+    try:
+        rollout(emulator, reference[:, 0].to(device), steps, generator=generator, on_step=write)
+    finally:
+        if bar is not None:
+            bar.close()
+    group = handle[EMU_GROUP]
+    group.attrs["completed"] = trajectories
+    group.create_dataset("mse", data=mse)
+    group.create_dataset("diverged_at", data=diverged)
+    handle.close()
+    os.replace(temporary, out)
+    compared = min(steps + 1, stored_steps)
+    return {"path": out, "mse": mse[:, :compared], "diverged_at": diverged, "split": chosen}
