@@ -67,6 +67,20 @@ class _StopOnSignal:
         self.previous = {}
 
 
+def solver_options(command):
+    """The options every solver-running command shares: system, preset, backend, device, dtype."""
+    options = [
+        click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True),
+        click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True),
+        click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend)."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="emu")
 def main():
@@ -74,11 +88,7 @@ def main():
 
 
 @main.command()
-@click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True)
-@click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
-@click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
+@solver_options
 @click.option("--grid", "grid_size", type=int, default=None, help="Solver grid points per side (power of two). [default: 128 kolmogorov, 64 qg]")
 @click.option("--steps", type=int, default=None, help="Solver steps. [default: 2000 kolmogorov, 25000 qg (~2.9 years)]")
 @click.option("--dt", type=float, default=None, help="Time step (kolmogorov default: CFL-based; qg: 3600 s).")
@@ -185,11 +195,7 @@ GENERATE_DEFAULTS = {"kolmogorov": {"grid": 128, "downsample": 64, "spinup": "10
 
 
 @main.command()
-@click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True)
-@click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
-@click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
+@solver_options
 @click.option("--trajectories", type=int, default=16, show_default=True, help="Trajectories over all shards and splits.")
 @click.option("--length", type=int, default=20, show_default=True, help="Snapshots per trajectory.")
 @click.option("--interval", type=int, default=None, help="Solver steps between snapshots. [default: 5]")
