@@ -173,9 +173,6 @@ class KolmogorovEquation:
             terms = terms + self.forcing_hat
         return terms
 
-    def implicit_terms(self, omega_hat):
-        return self.linear_operator * omega_hat
-
     # -- state conversion ---------------------------------------------------------------------
     def to_state(self, vorticity: np.ndarray):
         """Physical vorticity (batch, n, n) numpy -> omega_hat on the backend."""

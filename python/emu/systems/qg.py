@@ -171,8 +171,8 @@ class QGEquation:
         psi_to_tendency = -np.stack([beta1 * 1j * self.grid.kx_numpy * np.ones_like(k2),
                                      beta2 * 1j * self.grid.kx_numpy - config.bottom_drag * k2])
         self._psi_to_tendency = backend.asarray(psi_to_tendency[np.newaxis])  # beta and drag on psi
-        self._minus_ikx = backend.asarray(-1j * self.grid.kx_numpy * np.ones_like(k2))
-        self._minus_iky = backend.asarray(-1j * self.grid.ky_numpy * np.ones_like(k2))
+        self._minus_ikx = -self.grid.ikx  # broadcastable (1, n//2+1) and (n, 1), as on the grid
+        self._minus_iky = -self.grid.iky
         if config.filter == "exponential":
             step_filter = exponential_filter(config.grid_size, config.filter_factor)
         elif config.filter == "sharp":
