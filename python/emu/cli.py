@@ -165,29 +165,53 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
 @click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="qg", show_default=True)
 @click.option("--preset", default=None)
 @click.option("--backend", "backends", default="numpy,torch", show_default=True, help="Comma-separated backends.")
-@click.option("--grid", "grids", default="64,128,256", show_default=True, help="Comma-separated grid sizes.")
+@click.option("--grid", "grids", default=None, help="Comma-separated grid sizes. [default: 64,128,256 solvers, 64 emulators]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--batch", type=int, default=None, help="Trajectories (solvers) or samples (emulators). [default: 1 solvers, 8 emulators]")
 @click.option("--seconds", type=float, default=2.0, show_default=True, help="Time budget per measurement.")
 @click.option("--peers/--no-peers", default=True, show_default=True, help="Also time pyqg / jax-cfd when available.")
 @click.option("--pyqg-python", default=None, envvar="EMU_PYQG_PYTHON",
-              help="Python interpreter of a side environment with pyqg 0.7.2 (see scripts/pyqg_reference.py).")
+              help="Python of a side environment with pyqg 0.7.2 (see scripts/pyqg_reference.py).")
 @click.option("--device", default=None)
-def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, device):
-    """Solver throughput: steps/s and Mpoints*steps/s per backend and grid, with the peers' numbers.
+@click.option("--emulator", "emulators", default=None, metavar="ARCH:PRESET[,...]",
+              help="Time neural emulators instead of solvers, e.g. unet:small,drn:paper (samples/s, inference and training).")
+@click.option("--channels", type=int, default=None, help="Emulator channels. [default: 1 kolmogorov, 2 qg]")
+@click.option("--unroll", type=int, default=4, show_default=True, help="Emulator training: unrolled steps per window.")
+@click.option("--amp", is_flag=True, help="Emulators: bfloat16 autocast.")
+@click.option("--compile", "compile_network", is_flag=True, help="Emulators: torch.compile the network.")
+def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, device, emulators, channels,
+          unroll, amp, compile_network):
+    """Throughput of solvers (steps/s, with the peers' numbers) or, with --emulator, of neural emulators.
 
     \b
     python -m emu.cli bench --system qg --backend numpy,torch --grid 64,128,256
     python -m emu.cli bench --system kolmogorov --grid 64,256 --dtype float32
+    python -m emu.cli bench --emulator unet:small,drn:small --grid 32,64 --batch 8
     """
-    from emu.bench import run_benchmarks
-
     try:
+        if emulators:
+            from emu.training.throughput import parse_emulator_specs, run_emulator_benchmarks
+
+            run_emulator_benchmarks(parse_emulator_specs(emulators), grids=_int_list(grids or "64", "grid"),
+                                    channels=channels or (1 if system == "kolmogorov" else 2), batch=batch or 8,
+                                    unroll=unroll, seconds=seconds, device=device, amp=amp, compile=compile_network,
+                                    echo=click.echo)
+            return
+        from emu.bench import run_benchmarks
+
         run_benchmarks(system=system, preset=preset, backends=[b for b in backends.split(",") if b],
-                       grids=[int(g) for g in grids.split(",") if g], dtype=dtype, batch=batch, seconds=seconds,
+                       grids=_int_list(grids or "64,128,256", "grid"), dtype=dtype, batch=batch or 1, seconds=seconds,
                        peers=peers, pyqg_python=pyqg_python, device=device, echo=click.echo)
     except (ConfigError, ValueError, BackendUnavailable) as error:
         raise click.ClickException(str(error)) from error
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    """'64,128' -> [64, 128]; a clear error naming the option otherwise."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {text!r}", param_hint=f"--{name}") from None
 
 
 GENERATE_DEFAULTS = {"kolmogorov": {"grid": 128, "downsample": 64, "spinup": "10", "interval": 5},
