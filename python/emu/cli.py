@@ -364,28 +364,53 @@ def merge(path, out):
 
 @main.group()
 def train():
-    """Train models (emulators now; diffusion stabilisers in later releases)."""
+    """Train models: emulators and the Thermalizer's diffusion model."""
+
+
+def training_options(*, batch_size: int, lr: float, out: str):
+    """The options every `train` command shares (optimiser, devices, files), with per-model defaults."""
+    options = [
+        click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True,
+                     help="Dataset folder from `generate`."),
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--batch-size", type=int, default=batch_size, show_default=True),
+        click.option("--lr", type=float, default=lr, show_default=True),
+        click.option("--weight-decay", type=float, default=0.05, show_default=True),
+        click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True),
+        click.option("--amp", is_flag=True, help="bfloat16 autocast."),
+        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the network."),
+        click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--out", type=click.Path(file_okay=False), default=out, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue from OUT/last.pt."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _run_training(train_function, config_class, out, resume, progress, **settings):
+    """Builds the config (its validation errors become clean CLI errors), trains, names the outputs."""
+    try:
+        config = config_class(**settings)
+        train_function(config, out, resume=resume, progress=progress, echo=click.echo)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"checkpoints: {out}/last.pt, {out}/best.pt; metrics: {out}/metrics.jsonl, {out}/loss.png")
 
 
 @train.command()
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder from `generate`.")
 @click.option("--arch", type=click.Choice(["unet", "drn"]), default="drn", show_default=True)
 @click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
 @click.option("--unroll", type=int, default=4, show_default=True, help="Steps of the multistep loss.")
 @click.option("--noise", type=float, default=1e-5, show_default=True, help="Input noise tau (1e-5 DRN, 1e-4 UNet).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--amp", is_flag=True, help="bfloat16 autocast.")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the network.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--out", type=click.Path(file_okay=False), default="run", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@training_options(batch_size=32, lr=5e-4, out="run")
 def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weight_decay, schedule, amp, compile_model,
              workers, seed, device, out, resume, progress):
     """Train a residual emulator with the unrolled multistep loss (torchrun for several processes).
@@ -396,14 +421,31 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
     """
     from emu.training.trainer import TrainingConfig, train_emulator
 
-    try:
-        config = TrainingConfig(data=str(data_dir), arch=arch, preset=preset, unroll=unroll, noise=noise, epochs=epochs,
-                                batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
-                                compile=compile_model, seed=seed, num_workers=workers, device=device)
-        train_emulator(config, out, resume=resume, progress=progress, echo=click.echo)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"checkpoints: {out}/last.pt, {out}/best.pt; metrics: {out}/metrics.jsonl, {out}/loss.png")
+    _run_training(train_emulator, TrainingConfig, out, resume, progress, data=str(data_dir), arch=arch, preset=preset,
+                  unroll=unroll, noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  schedule=schedule, amp=amp, compile=compile_model, seed=seed, num_workers=workers, device=device)
+
+
+@train.command()
+@click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
+@click.option("--levels", "num_levels", type=int, default=1000, show_default=True, help="Diffusion levels T (cosine schedule).")
+@click.option("--classifier-weight", type=float, default=1.0, show_default=True, help="Weight of the level cross-entropy.")
+@click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
+@training_options(batch_size=64, lr=2e-4, out="thermalizer")
+def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epochs, batch_size, lr, weight_decay,
+                schedule, amp, compile_model, workers, seed, device, out, resume, progress):
+    """Train the Thermalizer: a DDPM of single snapshots with a noise-level classifier head (paper eq. 8).
+
+    \b
+    python -m emu.cli train thermalizer --data data/ --preset small --epochs 1 --out th/
+    torchrun --nproc-per-node 2 -m emu.cli train thermalizer --data data/ --epochs 1 --out th2/
+    """
+    from emu.training.thermalizer import ThermalizerTrainingConfig, train_thermalizer
+
+    _run_training(train_thermalizer, ThermalizerTrainingConfig, out, resume, progress, data=str(data_dir),
+                  preset=preset, num_levels=num_levels, classifier_weight=classifier_weight, ema_decay=ema_decay,
+                  epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
+                  compile=compile_model, seed=seed, num_workers=workers, device=device)
 
 
 @main.command()
@@ -417,18 +459,28 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default="rollout.h5", show_default=True)
+@click.option("--thermalizer", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Thermalizer checkpoint: correct every step (paper Algorithm 1).")
+@click.option("--s-init", type=int, default=None, help="Thermalize where the predicted level exceeds this. "
+              "[default: tuned pair beside the checkpoint, else 7]")
+@click.option("--s-stop", type=int, default=None, help="Denoise down to this level. [default: tuned, else 4]")
+@click.option("--runaway-level", type=int, default=100, show_default=True,
+              help="Predicted levels above this are flagged and corrected from this level.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, progress):
-    """Roll an emulator out from dataset initial states; streams the states to HDF5.
+def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, thermalizer, s_init,
+            s_stop, runaway_level, progress):
+    """Roll an emulator out from dataset initial states (optionally thermalized); streams the states to HDF5.
 
     \b
     python -m emu.cli rollout --emulator run/last.pt --init data/ --trajectories 1 --steps 20 --out r.h5
+    python -m emu.cli rollout --emulator run/last.pt --thermalizer th/last.pt --s-init 7 --s-stop 4 --init data/ --trajectories 2 --steps 20 --out rt.h5
     """
     from emu.training.rollouts import rollout_to_file
 
     try:
         result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
-                                 divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress)
+                                 divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress,
+                                 thermalizer=thermalizer, s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     mse = result["mse"]
@@ -441,6 +493,15 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
     if shown:
         click.echo("mean MSE vs solver (normalised): " + ", ".join(f"step {s}: {mean_mse[s]:.3g}" for s in shown))
     click.echo(f"diverged at: {diverged} (-1 = never)")
+    if thermalizer is not None:
+        applied = result["denoising_steps"][:, 1:]
+        runaway = result["runaway"][:, 1:]
+        click.echo(f"thermalized {int((applied > 0).sum())} of {applied.size} sample-steps, "
+                   f"{int(applied.sum())} denoising steps in all; median predicted level "
+                   f"{float(np.median(result['predicted_level'][:, 1:])):.0f}")
+        if runaway.any():
+            click.echo(f"warning: predicted level ran away (> {runaway_level}) in {int(runaway.sum())} sample-steps "
+                       "(flagged in emu/runaway; corrected from --runaway-level)", err=True)
 
 if __name__ == "__main__":
     main()

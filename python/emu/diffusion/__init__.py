@@ -17,8 +17,8 @@ The equations (T levels i = 0 .. T-1; details and references in the two modules)
                       sigma_t^2 = beta_t (1 - alpha_bar_{t-1})/(1 - alpha_bar_t), sigma_0 = 0   (ddpm.py)
 
 Levels are per sample (an int64 tensor of shape (batch,)), as the Thermalizer needs: each sample is
-re-noised to, and descends from, its own estimated level. The Thermalizer and SNS loops themselves
-stay explicit in the code that uses this package.
+re-noised to, and descends from, its own estimated level. The Thermalizer's adaptive correction
+(Algorithm 1) is `thermalize` (thermalize.py), which takes the networks as callables.
 
 Layering: this package imports torch, numpy, math and `emu.backends` only; it never imports a
 network (`emu.models`), the training code or the CLI. Networks are passed in by the caller.
@@ -40,15 +40,19 @@ from emu.diffusion.ddpm import (
     tweedie,
 )
 from emu.diffusion.schedules import TABLES, CosineSchedule
+from emu.diffusion.thermalize import Thermalized, check_levels_pair, thermalize
 
 __all__ = [
     "DIFFUSION_BACKENDS",
     "TABLES",
     "CosineSchedule",
     "DDPMScheduler",
+    "Thermalized",
     "add_noise",
+    "check_levels_pair",
     "ddpm_step",
     "posterior_std",
     "sample_levels",
+    "thermalize",
     "tweedie",
 ]

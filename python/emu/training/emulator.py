@@ -67,8 +67,10 @@ def unrolled_loss(emulator: ResidualEmulator, window: torch.Tensor,
 
 @torch.no_grad()
 def rollout(emulator: ResidualEmulator, initial: torch.Tensor, steps: int,
-            generator: torch.Generator | None = None, on_step=None) -> torch.Tensor | None:
+            generator: torch.Generator | None = None, on_step=None, correct=None) -> torch.Tensor | None:
     """Autoregressive rollout from `initial` (batch, C, y, x) for `steps` steps.
+
+    `correct(state) -> state`, when given, is applied after every emulator step (the Thermalizer).
 
     With `on_step(step, state)` the states are streamed to the callback (memory stays flat) and None
     is returned; without it the whole trajectory (batch, steps + 1, C, y, x) is returned.
@@ -79,6 +81,8 @@ def rollout(emulator: ResidualEmulator, initial: torch.Tensor, steps: int,
         on_step(0, state)
     for step in range(1, steps + 1):
         state = emulator(state, generator)
+        if correct is not None:
+            state = correct(state)
         if on_step is not None:
             on_step(step, state)
         else:

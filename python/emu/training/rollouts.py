@@ -16,18 +16,29 @@ from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
 
 def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int = 100, split: str = "test",
                     divergence_threshold: float = 1e3, device: str | None = None, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, thermalizer=None, s_init: int | None = None, s_stop: int | None = None,
+                    runaway_level: int = 100) -> dict:
     """Rolls the emulator of `checkpoint` out from the first snapshot of `trajectories` trajectories
     of the dataset `init` (split `split`, falling back to valid/train when empty) for `steps` steps
     and streams the denormalised states into `out` (The Well layout, `emu` group with the per-step
     MSE against the solver where the dataset has the reference, in normalised units, and the step at
     which each trajectory diverged: RMS of the normalised state above `divergence_threshold` or
     non-finite; -1 if never). Divergence is flagged, never fatal: the rollout goes on.
+
+    With `thermalizer` (a checkpoint from `train thermalizer`) every emulator step is followed by the
+    Thermalizer's correction (`emu.diffusion.thermalize`, paper Algorithm 1) with levels `s_init`,
+    `s_stop` (default: the pair `tune thermalizer` wrote beside the checkpoint, else 7 and 4). The
+    file then also holds, per trajectory and step, `emu/predicted_level` (the classifier's level
+    before correction), `emu/denoising_steps` (steps applied, 0 when none) and `emu/runaway`
+    (predicted level above `runaway_level`: flagged and corrected from `runaway_level`, never an abort).
     """
     payload = load_checkpoint(checkpoint)
     emulator, normalizer = emulator_from_checkpoint(payload)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     emulator.to(device)
+    corrector = None
+    if thermalizer is not None:
+        corrector = _ThermalizerCorrection(thermalizer, normalizer, device, s_init, s_stop, runaway_level, seed)
     chosen = next((s for s in (split, "valid", "train") if split_files(init, s)), None)
     if chosen is None:
         raise FileNotFoundError(f"{init}: no dataset files to take initial states from")
@@ -54,8 +65,9 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
         n_trajectories=trajectories, n_steps=steps + 1, grid_size=grid, domain_extent=float(extent),
         snapshot_interval=dataset["snapshot_interval"], parameters={},
         emu_attributes={"config": json.dumps(config), "checkpoint": str(checkpoint), "split": chosen,
-                        "kind": "emulator rollout", "model_config": json.dumps(payload["model_config"]),
-                        "divergence_threshold": divergence_threshold},
+                        "kind": "thermalized emulator rollout" if corrector else "emulator rollout",
+                        "model_config": json.dumps(payload["model_config"]), "divergence_threshold": divergence_threshold,
+                        **(corrector.attributes if corrector else {})},
         trajectory_ids=np.arange(trajectories), trajectory_seeds=np.zeros(trajectories), steps_per_chunk=1)
     generator = torch.Generator(device=device).manual_seed(seed)
     bar = None
@@ -80,7 +92,8 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     from emu.training.emulator import rollout
 
     try:
-        rollout(emulator, reference[:, 0].to(device), steps, generator=generator, on_step=write)
+        rollout(emulator, reference[:, 0].to(device), steps, generator=generator, on_step=write,
+                correct=corrector.correct if corrector else None)
     finally:
         if bar is not None:
             bar.close()
@@ -88,7 +101,59 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     group.attrs["completed"] = trajectories
     group.create_dataset("mse", data=mse)
     group.create_dataset("diverged_at", data=diverged)
+    result = {"path": out, "mse": mse[:, :min(steps + 1, stored_steps)], "diverged_at": diverged, "split": chosen}
+    if corrector is not None:
+        record = corrector.record(trajectories, steps)
+        for name, values in record.items():
+            group.create_dataset(name, data=values)
+        result.update(record)
     handle.close()
     os.replace(temporary, out)
-    compared = min(steps + 1, stored_steps)
-    return {"path": out, "mse": mse[:, :compared], "diverged_at": diverged, "split": chosen}
+    return result
+
+
+class _ThermalizerCorrection:
+    """The per-step Thermalizer correction of a rollout and its record (levels, steps, runaway flags)."""
+
+    def __init__(self, checkpoint, emulator_normalizer, device, s_init, s_stop, runaway_level, seed):
+        from emu.diffusion import check_levels_pair
+        from emu.training.thermalizer import load_thermalizer, read_tuned_levels
+
+        self.network, self.scheduler, normalizer, _ = load_thermalizer(checkpoint)
+        if not (torch.allclose(normalizer.mean, emulator_normalizer.mean)
+                and torch.allclose(normalizer.std, emulator_normalizer.std)):
+            raise ValueError(f"thermalizer {checkpoint} was trained with other normalisation statistics than the "
+                             "emulator: train both on the same dataset")
+        tuned = read_tuned_levels(checkpoint) or {}
+        self.s_init = s_init if s_init is not None else tuned.get("s_init", 7)
+        self.s_stop = s_stop if s_stop is not None else tuned.get("s_stop", 4)
+        check_levels_pair(self.s_init, self.s_stop, self.scheduler.num_levels)
+        self.runaway_level = runaway_level
+        self.network.to(device)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.levels, self.steps, self.runaway = [], [], []
+        self.attributes = {"thermalizer": str(checkpoint), "s_init": self.s_init, "s_stop": self.s_stop,
+                           "runaway_level": runaway_level}
+
+    def correct(self, state: torch.Tensor) -> torch.Tensor:
+        from emu.diffusion import thermalize
+
+        result = thermalize(state, self.network.classify, lambda x: self.network(x)[0], self.scheduler,
+                            s_init=self.s_init, s_stop=self.s_stop, runaway_level=self.runaway_level,
+                            generator=self.generator)
+        self.levels.append(result.predicted_level.cpu())
+        self.steps.append(result.steps_applied.cpu())
+        self.runaway.append(result.runaway.cpu())
+        return result.state
+
+    def record(self, trajectories: int, steps: int) -> dict:
+        """(trajectories, steps + 1) arrays; entry 0 (the initial state) is -1 / 0 / False."""
+        def stacked(values, fill, dtype):
+            array = np.full((trajectories, steps + 1), fill, dtype=dtype)
+            if values:
+                array[:, 1:len(values) + 1] = torch.stack(values, dim=1).numpy()
+            return array
+
+        return {"predicted_level": stacked(self.levels, -1, np.int64),
+                "denoising_steps": stacked(self.steps, 0, np.int64),
+                "runaway": stacked(self.runaway, False, bool)}
