@@ -1,5 +1,7 @@
 """The Thermalizer: Algorithm 1 with oracle networks, its training loss, and the CLI end to end."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -164,6 +166,24 @@ def test_cli_train_thermalizer_then_thermalized_rollout(tiny_data, tmp_path):
         assert np.array_equal(runaway[:, 1:], levels[:, 1:] > 20)
         assert group.attrs["s_init"] == 7 and group.attrs["s_stop"] == 4
         assert np.isfinite(handle["t0_fields/vorticity"][()]).all()
+    # tune: a 2-pair grid on short rollouts writes the best pair beside the checkpoint; rollout then uses it.
+    result = runner.invoke(main, ["tune", "thermalizer", "--emulator", str(emulator_run / "last.pt"), "--thermalizer",
+                                  str(thermalizer_run / "last.pt"), "--init", str(tiny_data), "--split", "train",
+                                  "--s-init", "8,9", "--s-stop", "3", "--trajectories", "1", "--steps", "2",
+                                  "--runaway-level", "20", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    tuned = json.loads((thermalizer_run / "thermalizer_levels.json").read_text())
+    assert [(row["s_init"], row["s_stop"]) for row in tuned["rows"]] == [(8, 3), (9, 3)]
+    best = min(tuned["rows"], key=lambda row: row["score"])
+    assert (tuned["s_init"], tuned["s_stop"]) == (best["s_init"], best["s_stop"])
+    assert all(np.isfinite(row["score"]) and row["score"] >= 0 for row in tuned["rows"])
+    result = runner.invoke(main, ["rollout", "--emulator", str(emulator_run / "last.pt"), "--thermalizer",
+                                  str(thermalizer_run / "last.pt"), "--init", str(tiny_data), "--split", "train",
+                                  "--trajectories", "1", "--steps", "1", "--runaway-level", "20",
+                                  "--out", str(tmp_path / "tuned.h5"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "tuned.h5", "r") as handle:
+        assert (handle["emu"].attrs["s_init"], handle["emu"].attrs["s_stop"]) == (tuned["s_init"], 3)
     bad = runner.invoke(main, ["rollout", "--emulator", str(emulator_run / "last.pt"), "--thermalizer",
                                str(thermalizer_run / "last.pt"), "--s-init", "3", "--s-stop", "4", "--init",
                                str(tiny_data), "--out", str(tmp_path / "bad.h5"), "--no-progress"])

@@ -448,6 +448,41 @@ def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epoc
                   compile=compile_model, seed=seed, num_workers=workers, device=device)
 
 
+@main.group()
+def tune():
+    """Tune stabilisers on rollouts."""
+
+
+@tune.command("thermalizer")
+@click.option("--emulator", "emulator_checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--thermalizer", "thermalizer_checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--init", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
+@click.option("--s-init", "s_inits", default="6,7,8,9,10", show_default=True, help="Comma-separated s_init values.")
+@click.option("--s-stop", "s_stops", default="2,3,4,5", show_default=True, help="Comma-separated s_stop values.")
+@click.option("--trajectories", type=int, default=2, show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True, help="Rollout steps per pair (spectrum of the second half).")
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True)
+@click.option("--runaway-level", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def tune_thermalizer_command(emulator_checkpoint, thermalizer_checkpoint, init, s_inits, s_stops, trajectories, steps,
+                             split, runaway_level, seed, device, progress):
+    """Grid search of (s_init, s_stop) by KE-spectrum match; writes the best pair beside the thermalizer.
+
+    \b
+    python -m emu.cli tune thermalizer --emulator run/last.pt --thermalizer th/last.pt --init data/ --steps 200
+    """
+    from emu.training.tuning import tune_thermalizer
+
+    try:
+        tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, s_inits=_int_list(s_inits, "s-init"),
+                         s_stops=_int_list(s_stops, "s-stop"), trajectories=trajectories, steps=steps, split=split,
+                         runaway_level=runaway_level, seed=seed, device=device, progress=progress, echo=click.echo)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+
+
 @main.command()
 @click.option("--emulator", "checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
