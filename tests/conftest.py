@@ -65,3 +65,16 @@ def helpers():
     h.relative_max_error = relative_max_error
     h.band_limited_field = band_limited_field
     return h
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 16² Kolmogorov dataset (6 trajectories x 6 snapshots, split 4/1/1) for training and rollout tests."""
+    from emu.generate import GenerationPlan, generate
+    from emu.systems import make_config
+
+    directory = tmp_path_factory.mktemp("tiny")
+    plan = GenerationPlan(make_config("kolmogorov", grid_size=16, viscosity=0.02), trajectories=6, length=6,
+                          interval=3, spinup_steps=30, downsample=16, batch=6, split=(4 / 6, 1 / 6, 1 / 6), seed=1)
+    generate(plan, directory)
+    return directory

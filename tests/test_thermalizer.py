@@ -10,9 +10,7 @@ from click.testing import CliRunner
 
 from emu.cli import main
 from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise, thermalize
-from emu.generate import GenerationPlan, generate
 from emu.models import make_model
-from emu.systems import make_config
 from emu.training.loop import load_checkpoint
 from emu.training.thermalizer import DiffusionLoss
 
@@ -20,7 +18,7 @@ SCHEDULER = DDPMScheduler(CosineSchedule(1000))
 
 
 def fixed_classifier(levels):
-    """A classifier that answers `levels[i]` for sample i (one-hot logits), keyed by the sample's first value."""
+    """A classifier that answers `levels[i]` for sample i of the batch (one-hot logits)."""
     def classify(x):
         logits = torch.full((x.shape[0], 1000), -1e9, dtype=x.dtype)
         logits[torch.arange(x.shape[0]), torch.as_tensor(levels)[: x.shape[0]]] = 0.0
@@ -29,15 +27,10 @@ def fixed_classifier(levels):
 
 
 class CountingDenoiser:
-    """Exact noise oracle for data ~ N(0, 1) per pixel at any level: eps_hat = sqrt(1 - alpha_bar) x_t.
-
-    (For standard normal data x_t ~ N(0, 1) and E[eps | x_t] = sqrt(1 - alpha_bar) x_t.) It cannot see
-    the level, so it is only exact when called through `thermalize`, which we track via `calls`.
-    """
+    """Predicts zero noise and records the batch size of every call (who paid for denoising)."""
 
     def __init__(self):
         self.batch_sizes = []
-        self.level = None
 
     def __call__(self, x):
         self.batch_sizes.append(x.shape[0])
@@ -70,8 +63,7 @@ def test_steps_applied_equal_predicted_minus_stop_and_only_those_samples_pay():
 def test_a_noised_state_is_pulled_back_to_the_data_distribution():
     """Data N(0, 1) and its exact oracle: an over-energetic state (std 3) is noised to level 600 and
     denoised to 0; the result's variance must move most of the way back to 1."""
-    schedule = SCHEDULER.schedule if hasattr(SCHEDULER, "schedule") else CosineSchedule(1000)
-    alpha_bars = schedule.alpha_bars
+    alpha_bars = CosineSchedule(1000).alpha_bars
     state = 3.0 * torch.randn(2, 1, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     levels = {"current": None}
 
@@ -127,15 +119,6 @@ def test_diffusion_loss_equals_hand_computation():
     expected = ((predicted - noise) ** 2).mean() + 0.5 * torch.nn.functional.cross_entropy(logits, levels)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert torch.allclose(add_noise(schedule, clean, levels, noise), noisy, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_thermalizer")
-    plan = GenerationPlan(make_config("kolmogorov", grid_size=16, viscosity=0.02), trajectories=6, length=6,
-                          interval=3, spinup_steps=30, downsample=16, batch=6, split=(4 / 6, 1 / 6, 1 / 6), seed=1)
-    generate(plan, directory)
-    return directory
 
 
 def test_cli_train_thermalizer_then_thermalized_rollout(tiny_data, tmp_path):

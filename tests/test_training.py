@@ -12,19 +12,8 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 from emu.cli import main
-from emu.generate import GenerationPlan, generate
-from emu.systems import make_config
 from emu.training.emulator import ResidualEmulator, rollout, unrolled_loss
 from emu.training.trainer import TrainingConfig, UnrolledLoss, load_checkpoint, train_emulator
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny")
-    plan = GenerationPlan(make_config("kolmogorov", grid_size=16, viscosity=0.02), trajectories=6, length=6,
-                          interval=3, spinup_steps=30, downsample=16, batch=6, split=(4 / 6, 1 / 6, 1 / 6), seed=1)
-    generate(plan, directory)
-    return directory
 
 
 class Linear(torch.nn.Module):
