@@ -42,8 +42,10 @@ print(json.dumps({"steps_per_second": count / (time.perf_counter() - start), "ve
 """
 
 
-def _timed(step: Callable[[], None], seconds: float, warmup: int = 5, minimum: int = 10,
-           synchronize: Callable[[], None] | None = None) -> float:
+def calls_per_second(step: Callable[[], None], seconds: float, warmup: int = 5, minimum: int = 10,
+                     synchronize: Callable[[], None] | None = None) -> float:
+    """Calls of `step` per second over about `seconds` of wall time (at least `minimum` calls) after
+    `warmup` untimed calls; `synchronize` (e.g. torch.cuda.synchronize) closes both ends of the interval."""
     for _ in range(warmup):
         step()
     if synchronize:
@@ -74,7 +76,7 @@ def emu_steps_per_second(system: str, preset: str | None, backend: str, grid: in
         import torch
 
         synchronize = torch.cuda.synchronize
-    return _timed(step, seconds, synchronize=synchronize)
+    return calls_per_second(step, seconds, synchronize=synchronize)
 
 
 def jaxcfd_steps_per_second(grid: int, dtype: str, seconds: float, viscosity: float = 1e-3,
@@ -102,7 +104,7 @@ def jaxcfd_steps_per_second(grid: int, dtype: str, seconds: float, viscosity: fl
     def advance():
         state[0] = step(state[0])
 
-    rate = _timed(advance, seconds, warmup=2, minimum=2, synchronize=lambda: state[0].block_until_ready())
+    rate = calls_per_second(advance, seconds, warmup=2, minimum=2, synchronize=lambda: state[0].block_until_ready())
     assert np.isfinite(np.asarray(state[0])).all(), "jax-cfd benchmark state became non-finite"
     return rate * inner, f"jax-cfd {jax_cfd.__version__}"
 

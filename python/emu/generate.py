@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ import h5py
 import numpy as np
 
 from emu.backends import get_backend
+from emu.data.atomic import write_json_atomically
 from emu.data.well import SPLITS, create_well_file, finish_file, split_files, write_trajectories, write_well_statistics
 from emu.runs import snapshot_fields
 from emu.solvers import StepperState, check_state, integrate, make_stepper
@@ -118,13 +118,6 @@ def file_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}_shard{shard:05d}-of-{num_shards:05d}.hdf5"
 
 
-def _write_json_atomically(path: Path, values: dict) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(values, stream, indent=2, sort_keys=True)
-    os.replace(temporary, path)
-
-
 def check_manifest(directory: Path, plan: GenerationPlan, num_shards: int = 1) -> None:
     """Writes the plan's manifest, or refuses if the folder already holds a different dataset (or
     the same one cut into another number of shards, whose trajectory ranges would overlap)."""
@@ -149,7 +142,7 @@ def check_manifest(directory: Path, plan: GenerationPlan, num_shards: int = 1) -
             raise ConfigError(f"out: {directory} already holds a dataset made with other parameters "
                               f"({detail}); choose another --out or the same parameters to resume")
         return
-    _write_json_atomically(path, wanted)
+    write_json_atomically(path, wanted)
 
 
 def _jobs(plan: GenerationPlan, shard: int, num_shards: int):

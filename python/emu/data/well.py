@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import h5py
 import numpy as np
 
 import emu
+from emu.data.atomic import write_json_atomically
 
 SPLITS = ("train", "valid", "test")
 EMU_GROUP = "emu"
@@ -210,12 +210,8 @@ def write_well_statistics(directory) -> Path:
         rms = np.sqrt(np.asarray(totals[f"{prefix}_sum_of_squares"]) / count)
         for name, values in (("mean", mean), ("std", std), ("rms", rms)):
             statistics[name + suffix] = {channel: float(v) for channel, v in zip(channels, values)}
-    target = directory / "stats.yaml"
-    handle, temporary = tempfile.mkstemp(prefix=".stats.yaml.", suffix=".tmp", dir=directory)
-    with os.fdopen(handle, "w") as stream:  # a unique name: shards may finish at the same time
-        stream.write(json.dumps(statistics, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, target)
-    return target
+    # The temporary's name is unique: shards may finish at the same time.
+    return write_json_atomically(directory / "stats.yaml", statistics)
 
 
 def read_trajectories(path, trajectories=slice(None), steps=slice(None)) -> np.ndarray:

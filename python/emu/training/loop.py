@@ -35,19 +35,46 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import emu
 
 
-def check_optimisation_settings(config) -> None:
-    """ValueError naming the field for the settings every training config shares."""
-    checks = [
-        (isinstance(config.epochs, int) and config.epochs >= 1, "epochs", "an integer >= 1", config.epochs),
-        (isinstance(config.batch_size, int) and config.batch_size >= 1, "batch_size", "an integer >= 1", config.batch_size),
-        (config.lr > 0, "lr", "> 0", config.lr),
-        (config.weight_decay >= 0, "weight_decay", ">= 0", config.weight_decay),
-        (config.schedule in ("constant", "cosine"), "schedule", "'constant' or 'cosine'", config.schedule),
-        (isinstance(config.num_workers, int) and config.num_workers >= 0, "num_workers", "an integer >= 0", config.num_workers),
-    ]
-    for ok, name, allowed, value in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class OptimisationSettings:
+    """The settings every training run shares (each trainer's config extends this; all are stored in
+    every checkpoint and must match on --resume).
+
+    Attributes:
+        data: dataset folder made by `emu generate`.
+        epochs, batch_size, lr, weight_decay: optimisation (AdamW).
+        schedule: "constant" or "cosine" (cosine decay to 0 over all epochs).
+        amp: bfloat16 autocast; compile: torch.compile the objective.
+        seed: initialisation, shuffling and noise.
+        num_workers: DataLoader workers.
+        device: "cpu", "cuda" or None (cuda when available).
+    """
+
+    data: str
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    amp: bool = False
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1", self.epochs),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size),
+            (self.lr > 0, "lr", "> 0", self.lr),
+            (self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay),
+            (self.schedule in ("constant", "cosine"), "schedule", "'constant' or 'cosine'", self.schedule),
+            (isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0",
+             self.num_workers),
+        ]
+        for ok, name, allowed, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclass

@@ -38,7 +38,10 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     emulator.to(device)
     corrector = None
     if thermalizer is not None:
-        corrector = _ThermalizerCorrection(thermalizer, normalizer, device, s_init, s_stop, runaway_level, seed)
+        from emu.training.thermalizer import ThermalizerCorrection
+
+        corrector = ThermalizerCorrection.from_checkpoint(thermalizer, normalizer, device, s_init=s_init, s_stop=s_stop,
+                                                          runaway_level=runaway_level, seed=seed + 1)
     chosen = next((s for s in (split, "valid", "train") if split_files(init, s)), None)
     if chosen is None:
         raise FileNotFoundError(f"{init}: no dataset files to take initial states from")
@@ -110,50 +113,3 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     handle.close()
     os.replace(temporary, out)
     return result
-
-
-class _ThermalizerCorrection:
-    """The per-step Thermalizer correction of a rollout and its record (levels, steps, runaway flags)."""
-
-    def __init__(self, checkpoint, emulator_normalizer, device, s_init, s_stop, runaway_level, seed):
-        from emu.diffusion import check_levels_pair
-        from emu.training.thermalizer import load_thermalizer, read_tuned_levels
-
-        self.network, self.scheduler, normalizer, _ = load_thermalizer(checkpoint)
-        if not (torch.allclose(normalizer.mean, emulator_normalizer.mean)
-                and torch.allclose(normalizer.std, emulator_normalizer.std)):
-            raise ValueError(f"thermalizer {checkpoint} was trained with other normalisation statistics than the "
-                             "emulator: train both on the same dataset")
-        tuned = read_tuned_levels(checkpoint) or {}
-        self.s_init = s_init if s_init is not None else tuned.get("s_init", 7)
-        self.s_stop = s_stop if s_stop is not None else tuned.get("s_stop", 4)
-        check_levels_pair(self.s_init, self.s_stop, self.scheduler.num_levels)
-        self.runaway_level = runaway_level
-        self.network.to(device)
-        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
-        self.levels, self.steps, self.runaway = [], [], []
-        self.attributes = {"thermalizer": str(checkpoint), "s_init": self.s_init, "s_stop": self.s_stop,
-                           "runaway_level": runaway_level}
-
-    def correct(self, state: torch.Tensor) -> torch.Tensor:
-        from emu.diffusion import thermalize
-
-        result = thermalize(state, self.network.classify, lambda x: self.network(x)[0], self.scheduler,
-                            s_init=self.s_init, s_stop=self.s_stop, runaway_level=self.runaway_level,
-                            generator=self.generator)
-        self.levels.append(result.predicted_level.cpu())
-        self.steps.append(result.steps_applied.cpu())
-        self.runaway.append(result.runaway.cpu())
-        return result.state
-
-    def record(self, trajectories: int, steps: int) -> dict:
-        """(trajectories, steps + 1) arrays; entry 0 (the initial state) is -1 / 0 / False."""
-        def stacked(values, fill, dtype):
-            array = np.full((trajectories, steps + 1), fill, dtype=dtype)
-            if values:
-                array[:, 1:len(values) + 1] = torch.stack(values, dim=1).numpy()
-            return array
-
-        return {"predicted_level": stacked(self.levels, -1, np.int64),
-                "denoising_steps": stacked(self.steps, 0, np.int64),
-                "runaway": stacked(self.runaway, False, bool)}

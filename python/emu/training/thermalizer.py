@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,43 +32,34 @@ from torch.utils.data import DataLoader
 
 from emu.data.loaders import Normalizer, Snapshots
 from emu.data.well import split_files
-from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise, sample_levels
+from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise, check_levels_pair, sample_levels, thermalize
 from emu.models import make_model
 from emu.training import loop
 from emu.training.trainer import dataset_info
 
 
 @dataclass(frozen=True)
-class ThermalizerTrainingConfig:
-    """Settings of one thermalizer training run (stored in every checkpoint).
+class ThermalizerTrainingConfig(loop.OptimisationSettings):
+    """Settings of one thermalizer training run: the shared optimisation settings (see
+    `loop.OptimisationSettings`; here batch 64 and lr 2e-4 by default, every stored snapshot of the
+    training split a sample) plus
 
     Attributes:
-        data: dataset folder made by `emu generate`; every stored snapshot of the training split is a sample.
         preset: "small" (CPU) or "paper" (53M parameters).
         num_levels: diffusion levels T of the cosine schedule.
         classifier_weight: w of the cross-entropy term.
         ema_decay: weight EMA decay (0 disables).
-        epochs, batch_size, lr, weight_decay, schedule, amp, compile, seed, num_workers, device: as for emulators.
     """
 
-    data: str
+    batch_size: int = 64
+    lr: float = 2e-4
     preset: str = "small"
     num_levels: int = 1000
     classifier_weight: float = 1.0
     ema_decay: float = 0.995
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-4
-    weight_decay: float = 0.05
-    schedule: str = "cosine"
-    amp: bool = False
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    device: str | None = None
 
     def __post_init__(self):
-        loop.check_optimisation_settings(self)
+        super().__post_init__()
         if self.preset not in ("small", "paper"):
             raise ValueError(f"preset must be 'small' or 'paper', got {self.preset!r}")
         if not (isinstance(self.num_levels, int) and self.num_levels >= 2):
@@ -90,6 +82,7 @@ class DiffusionLoss(nn.Module):
         self.schedule = schedule
         self.classifier_weight = classifier_weight
         self.terms: dict[str, float] = {}
+        self.logits: torch.Tensor | None = None
 
     def forward(self, clean: torch.Tensor, levels: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,6 +94,7 @@ class DiffusionLoss(nn.Module):
         noise_mse = F.mse_loss(predicted_noise.float(), noise.float())
         cross_entropy = F.cross_entropy(logits.float(), levels)
         self.terms = {"noise_mse": float(noise_mse.detach()), "cross_entropy": float(cross_entropy.detach())}
+        self.logits = logits.detach()  # validation reads the predicted levels from the same forward
         return noise_mse + self.classifier_weight * cross_entropy
 
 
@@ -120,7 +114,7 @@ def evaluate(network: nn.Module, valid_set: Snapshots, schedule: CosineSchedule,
         totals["valid_loss"] += float(loss) * clean.shape[0]
         totals["valid_noise_mse"] += objective.terms["noise_mse"] * clean.shape[0]
         totals["valid_cross_entropy"] += objective.terms["cross_entropy"] * clean.shape[0]
-        correct += int((network.predict_level(add_noise(schedule, clean, levels, noise)) == levels).sum())
+        correct += int((objective.logits.argmax(dim=-1) == levels).sum())
         count += clean.shape[0]
         low = torch.randint(0, 50, (clean.shape[0],), generator=generator).to(device)
         predicted = network.predict_level(add_noise(schedule, clean, low, noise))
@@ -175,3 +169,57 @@ def read_tuned_levels(checkpoint) -> dict | None:
     """{'s_init': ..., 's_stop': ...} written by `tune thermalizer`, or None."""
     path = tuned_levels_path(checkpoint)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+class ThermalizerCorrection:
+    """The per-step Thermalizer correction of a rollout (`rollout(..., correct=...)`) and its record.
+
+    Each call runs `emu.diffusion.thermalize` with this object's levels and generator and keeps the
+    predicted levels, denoising steps and runaway flags of every step for `record`.
+    """
+
+    def __init__(self, network: nn.Module, scheduler: DDPMScheduler, *, s_init: int, s_stop: int,
+                 runaway_level: int = 100, generator: torch.Generator | None = None):
+        check_levels_pair(s_init, s_stop, scheduler.num_levels)
+        self.network, self.scheduler, self.generator = network, scheduler, generator
+        self.s_init, self.s_stop, self.runaway_level = s_init, s_stop, runaway_level
+        self.levels, self.steps, self.runaway = [], [], []
+        self.attributes = {"s_init": s_init, "s_stop": s_stop, "runaway_level": runaway_level}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, emulator_normalizer: Normalizer, device, *, s_init: int | None = None,
+                        s_stop: int | None = None, runaway_level: int = 100, seed: int = 0) -> "ThermalizerCorrection":
+        """Loads the thermalizer; levels default to the tuned pair beside it, else (7, 4). Refuses a
+        thermalizer trained with other normalisation statistics than the emulator."""
+        network, scheduler, normalizer, _ = load_thermalizer(checkpoint)
+        if not (torch.allclose(normalizer.mean, emulator_normalizer.mean)
+                and torch.allclose(normalizer.std, emulator_normalizer.std)):
+            raise ValueError(f"thermalizer {checkpoint} was trained with other normalisation statistics than the "
+                             "emulator: train both on the same dataset")
+        tuned = read_tuned_levels(checkpoint) or {}
+        correction = cls(network.to(device), scheduler, s_init=s_init if s_init is not None else tuned.get("s_init", 7),
+                         s_stop=s_stop if s_stop is not None else tuned.get("s_stop", 4), runaway_level=runaway_level,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+        correction.attributes["thermalizer"] = str(checkpoint)
+        return correction
+
+    def correct(self, state: torch.Tensor) -> torch.Tensor:
+        result = thermalize(state, self.network.classify, lambda x: self.network(x)[0], self.scheduler,
+                            s_init=self.s_init, s_stop=self.s_stop, runaway_level=self.runaway_level,
+                            generator=self.generator)
+        self.levels.append(result.predicted_level.cpu())
+        self.steps.append(result.steps_applied.cpu())
+        self.runaway.append(result.runaway.cpu())
+        return result.state
+
+    def record(self, trajectories: int, steps: int) -> dict:
+        """(trajectories, steps + 1) arrays; entry 0 (the initial state) is -1 / 0 / False."""
+        def stacked(values, fill, dtype):
+            array = np.full((trajectories, steps + 1), fill, dtype=dtype)
+            if values:
+                array[:, 1:len(values) + 1] = torch.stack(values, dim=1).numpy()
+            return array
+
+        return {"predicted_level": stacked(self.levels, -1, np.int64),
+                "denoising_steps": stacked(self.steps, 0, np.int64),
+                "runaway": stacked(self.runaway, False, bool)}

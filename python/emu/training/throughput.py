@@ -20,11 +20,11 @@ timed interval ends with torch.cuda.synchronize, so the numbers are wall time of
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 
+from emu.bench import calls_per_second
 from emu.models import count_parameters, make_model
 from emu.training.emulator import ResidualEmulator, unrolled_loss
 
@@ -40,19 +40,6 @@ def parse_emulator_specs(text: str) -> list[tuple[str, str]]:
     if not specs:
         raise ValueError(f"emulator must name at least one ARCH[:PRESET], e.g. 'drn:small', got {text!r}")
     return specs
-
-
-def _rate(work: Callable[[], None], seconds: float, warmup: int, synchronize: Callable[[], None]) -> float:
-    """Calls of `work` per second over about `seconds` of wall time (at least 3 calls), after `warmup`."""
-    for _ in range(warmup):
-        work()
-    synchronize()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or count < 3:
-        work()
-        count += 1
-    synchronize()
-    return count / (time.perf_counter() - start)
 
 
 def emulator_throughput(arch: str, preset: str, *, channels: int = 1, grid: int = 64, batch: int = 8, unroll: int = 4,
@@ -74,7 +61,7 @@ def emulator_throughput(arch: str, preset: str, *, channels: int = 1, grid: int 
     emulator = ResidualEmulator(network, noise=noise).to(device)
     if compile:
         emulator.network = torch.compile(emulator.network)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     generator = torch.Generator(device=device).manual_seed(seed)
     state = torch.randn(batch, channels, grid, grid, device=device, generator=generator)
@@ -86,7 +73,7 @@ def emulator_throughput(arch: str, preset: str, *, channels: int = 1, grid: int 
         with torch.no_grad(), autocast:
             emulator(state, generator)
 
-    inference = _rate(infer, seconds, warmup, synchronize)
+    inference = calls_per_second(infer, seconds, warmup, minimum=3, synchronize=synchronize)
 
     emulator.train()
     optimizer = torch.optim.AdamW(emulator.parameters(), lr=1e-5, weight_decay=0.05)
@@ -98,7 +85,7 @@ def emulator_throughput(arch: str, preset: str, *, channels: int = 1, grid: int 
         loss.backward()
         optimizer.step()
 
-    training = _rate(train_step, seconds, warmup, synchronize)
+    training = calls_per_second(train_step, seconds, warmup, minimum=3, synchronize=synchronize)
     return {
         "arch": arch, "preset": preset, "parameters": count_parameters(network), "channels": channels, "grid": grid,
         "batch": batch, "unroll": unroll, "device": str(device), "amp": amp, "compile": compile,

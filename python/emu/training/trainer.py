@@ -29,42 +29,26 @@ from emu.training.emulator import ResidualEmulator, rollout, unrolled_loss
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    """Settings of one training run (all stored in every checkpoint).
+class TrainingConfig(loop.OptimisationSettings):
+    """Settings of one emulator training run: the shared optimisation settings (data, epochs,
+    batch_size, lr, weight_decay, schedule, amp, compile, seed, num_workers, device; see
+    `loop.OptimisationSettings`) plus
 
     Attributes:
-        data: dataset folder made by `emu generate`.
         arch, preset: network ("unet" | "drn") and size ("small" | "paper").
         unroll: steps L of the multistep loss.
         noise: input noise tau (1e-5 DRN, 1e-4 UNet in the reference).
-        epochs, batch_size, lr, weight_decay: optimisation (AdamW).
-        schedule: "constant" or "cosine" (cosine decay to 0 over all epochs).
-        amp: bfloat16 autocast; compile: torch.compile the network.
-        seed: initialisation, shuffling and noise.
-        num_workers: DataLoader workers.
         rollout_trajectories: validation trajectories rolled out each epoch.
-        device: "cpu", "cuda" or None (cuda when available).
     """
 
-    data: str
     arch: str = "drn"
     preset: str = "small"
     unroll: int = 4
     noise: float = 1e-5
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    schedule: str = "cosine"
-    amp: bool = False
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
     rollout_trajectories: int = 4
-    device: str | None = None
 
     def __post_init__(self):
-        loop.check_optimisation_settings(self)
+        super().__post_init__()
         checks = [
             (isinstance(self.unroll, int) and self.unroll >= 1, "unroll", "an integer >= 1", self.unroll),
             (self.noise >= 0, "noise", ">= 0", self.noise),

@@ -12,29 +12,19 @@ pair goes to `thermalizer_levels.json` beside the thermalizer checkpoint (atomic
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from typing import Callable
 
-import numpy as np
 import torch
 
+from emu.data.atomic import write_json_atomically
 from emu.data.loaders import Snapshots
 from emu.data.well import split_files
-from emu.diffusion import check_levels_pair, thermalize
+from emu.diffusion import check_levels_pair
 from emu.metrics import kinetic_energy_spectrum, spectral_similarity
 from emu.training.emulator import rollout
-from emu.training.thermalizer import load_thermalizer, tuned_levels_path
+from emu.training.thermalizer import ThermalizerCorrection, load_thermalizer, tuned_levels_path
 from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
-
-
-def _write_json_atomically(data: dict, path) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-    os.replace(temporary, path)
 
 
 def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_inits=range(6, 11),
@@ -74,15 +64,13 @@ def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_ini
     rows = []
     for s_init, s_stop in pairs:
         generator = torch.Generator(device=device).manual_seed(seed)
-        applied = []
+        correction = ThermalizerCorrection(network, scheduler, s_init=s_init, s_stop=s_stop,
+                                           runaway_level=runaway_level, generator=generator)
 
-        def correct(state, s_init=s_init, s_stop=s_stop):
-            result = thermalize(state, network.classify, lambda x: network(x)[0], scheduler, s_init=s_init,
-                                s_stop=s_stop, runaway_level=runaway_level, generator=generator)
-            applied.append(result.steps_applied.cpu())
+        def correct(state, correction=correction):
             if bar is not None:
                 bar.update(1)
-            return result.state
+            return correction.correct(state)
 
         states = rollout(emulator, initial, steps, generator=generator, correct=correct)
         late = normalizer.denormalise(states[:, steps // 2:].float().cpu())
@@ -90,7 +78,7 @@ def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_ini
         similarity = spectral_similarity(spectra, reference)
         score = math.inf if similarity.num_nan else float(similarity.mean)
         rows.append({"s_init": s_init, "s_stop": s_stop, "score": score, "nan_trajectories": similarity.num_nan,
-                     "denoising_steps_per_step": float(torch.stack(applied).float().mean())})
+                     "denoising_steps_per_step": float(torch.stack(correction.steps).float().mean())})
     if bar is not None:
         bar.close()
     best = min(rows, key=lambda row: row["score"])
@@ -103,6 +91,6 @@ def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_ini
               "trajectories": trajectories, "split": chosen, "emulator": str(emulator_checkpoint), "rows": rows}
     if write:
         path = tuned_levels_path(thermalizer_checkpoint)
-        _write_json_atomically(result, path)
+        write_json_atomically(path, result)
         echo(f"best (s_init, s_stop) = ({best['s_init']}, {best['s_stop']}) -> {path}")
     return result

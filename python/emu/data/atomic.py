@@ -1,0 +1,25 @@
+"""Small files written atomically: a temporary file in the same folder, then a rename.
+
+A reader (another shard, a resumed job, a user's `cat`) sees the old file or the new one, never half
+of one; the temporary's name is unique, so concurrent writers of the same target cannot collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomically(path, values: dict) -> Path:
+    """JSON (indented, sorted keys, trailing newline) to `path` via temp file + rename; returns the path."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path
