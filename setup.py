@@ -4,9 +4,10 @@
 product's shape), but an installed emu must still find them. `build_py` copies them into
 `emu/_resources/` inside the build directory only; the source tree is never touched. An editable
 install (`pip install -e .`) reads them straight from the repository instead (see
-`emu.resources`).
+`emu.resources`). The wheel's `emu/juliapkg.json` is rewritten to point juliapkg at the copy.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,19 @@ class BuildPyWithResources(build_py):
         if (ROOT / "Project.toml").is_file():
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / "Project.toml", target / "Project.toml")
+        point_juliapkg_at_resources(Path(self.build_lib) / "emu" / "juliapkg.json")
+
+
+def point_juliapkg_at_resources(path: Path) -> None:
+    """In the wheel, emu/juliapkg.json's local Julia package is `_resources/julia` beside it (in the
+    repository it is `../../julia`, which an editable install uses as is)."""
+    if not path.is_file():
+        return
+    deps = json.loads(path.read_text())
+    for package in deps.get("packages", {}).values():
+        if package.get("path") == "../../julia":
+            package["path"] = "_resources/julia"
+    path.write_text(json.dumps(deps, indent=4) + "\n")
 
 
 setup(cmdclass={"build_py": BuildPyWithResources})

@@ -1,59 +1,69 @@
 """
     Emu
 
-Julia side of emu: pseudospectral solvers and fused DDPM kernels, callable from Python through
-juliacall and usable from Julia directly. Arrays follow emu's convention seen from Julia: a
-C-ordered numpy array `(batch, [layer], ny, nx)` arrives as `(nx, ny, [layer], batch)`, so `rfft`
-over dims `(1, 2)` matches numpy's rfft over the last two axes.
+Julia side of emu: the two pseudospectral solvers (Kolmogorov flow and two-layer QG) and the fused
+DDPM kernels, callable from Python through juliacall and usable from Julia directly.
 
-This release holds the grid and spectral-operator layer, each function a line-by-line twin of
-its Python reference in `python/emu/grid.py` and `python/emu/spectral.py`; the solvers follow.
+Every function is a twin of a Python function of `python/emu` (named in its docstring): same
+configs and presets, same equations, same time steppers and start-up steps, same filters, same
+noise convention. What differs is said where it differs (random initial conditions draw other
+numbers; a problem holds a fixed batch size).
+
+Layout: a C-ordered numpy array `(batch, [layer], ny, nx)` is the same memory as the Julia array
+`(nx, ny, [layer], batch)`: x fastest, batch last. `rfft` over dims `(1, 2)` halves `x`, giving
+`(nx ÷ 2 + 1, ny, [layer], batch)`, which matches numpy's rfft2 over the last two axes.
+
+Arrays: CPU `Array`s with FFTW plans, or CUDA `CuArray`s once `using CUDA` loads the extension
+`EmuCUDAExt` (CUFFT plans, the same KernelAbstractions kernels). Float32 and Float64.
 """
 module Emu
 
-export angular_wavenumbers, two_thirds_mask, exponential_filter
+using FFTW: FFTW
+using JSON3: JSON3
+using KernelAbstractions: KernelAbstractions, @index, @kernel
+using LinearAlgebra: mul!
+using Random: Random
 
-"""
-    angular_wavenumbers(num_points, domain_extent) -> (kx, ky)
+include("config.jl")
+include("grid.jl")
+include("devices.jl")
+include("kolmogorov.jl")
+include("qg.jl")
+include("time_stepping.jl")
+include("problem.jl")
+include("philox.jl")
+include("ddpm.jl")
 
-Angular wavenumbers of an rfft layout, Julia order: `kx` has length `n ÷ 2 + 1` (dimension 1,
-the halved one), `ky` length `n` (dimension 2, `fftfreq` order). Twin of
-`emu.grid.angular_wavenumbers` (which returns them shaped for numpy's `(ny, nx//2+1)` layout).
-"""
-function angular_wavenumbers(num_points::Integer, domain_extent::Real)
-    fundamental = 2π / domain_extent
-    kx = fundamental .* collect(0:(num_points ÷ 2))
-    ky = fundamental .* [i < (num_points + 1) ÷ 2 ? i : i - num_points for i in 0:(num_points - 1)]
-    return kx, ky
-end
-
-"""
-    two_thirds_mask(num_points) -> Matrix{Float64}
-
-Orszag's 2/3 rule as a 0/1 mask of size `(n ÷ 2 + 1, n)`: keeps modes with index `< n/3` on both
-axes. Twin of `emu.grid.two_thirds_mask`.
-"""
-function two_thirds_mask(num_points::Integer)
-    keep = ceil(Int, num_points / 3) - 1
-    index_x, index_y = angular_wavenumbers(num_points, 2π)
-    return [abs(i) <= keep && abs(j) <= keep ? 1.0 : 0.0 for i in index_x, j in index_y]
-end
-
-"""
-    exponential_filter(num_points; filter_factor=23.6, cutoff=0.65π) -> Matrix{Float64}
-
-pyqg's filter `exp(-filter_factor (|k| dx - cutoff)^4)` above `cutoff`, 1 below, size
-`(n ÷ 2 + 1, n)`. Twin of `emu.spectral.exponential_filter`.
-"""
-function exponential_filter(num_points::Integer; filter_factor::Real = 23.6, cutoff::Real = 0.65π)
-    kx, ky = angular_wavenumbers(num_points, 2π)
-    dx = 2π / num_points
-    sigma = zeros(length(kx), length(ky))
-    for (j, l) in enumerate(ky), (i, k) in enumerate(kx)
-        scaled = sqrt((k * dx)^2 + (l * dx)^2)
-        sigma[i, j] = scaled <= cutoff ? 1.0 : exp(-filter_factor * (scaled - cutoff)^4)
-    end
-    return sigma
-end
+# Configs and spectral operators.
+export ConfigError,
+    SystemConfig,
+    KolmogorovConfig,
+    QGConfig,
+    make_config,
+    config_from_json,
+    to_dict
+export angular_wavenumbers, rfft_weights, two_thirds_mask, jax_cfd_mask, exponential_filter
+export isotropic_spectrum, Grid
+# Devices, equations, steppers, problems.
+export CPU,
+    GPU,
+    KolmogorovEquation,
+    QGEquation,
+    CrankNicolsonRK4,
+    AdamsBashforth3,
+    RungeKutta4
+export Problem,
+    KolmogorovProblem,
+    QGProblem,
+    BlowUpError,
+    step!,
+    run!,
+    initial_condition,
+    get_fields
+export make_stepper, cosine_schedule
+export energy, enstrophy, kinetic_energy_spectrum, layer_energy
+# The API the Python bridge calls.
+export make_problem, set_fields!, stepforward!, get_fields!, courant_number, all_finite
+export ddpm_step!, add_noise!, tweedie!, philox4x32_10, philox_normal!, philox_normal
 
 end # module

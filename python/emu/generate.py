@@ -187,9 +187,10 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
     require(isinstance(num_shards, int) and num_shards >= 1, "num_shards", "an integer >= 1", num_shards)
     require(isinstance(shard, int) and 0 <= shard < num_shards, "shard", f"an integer in [0, {num_shards})", shard)
     directory = Path(out)
-    check_manifest(directory, plan, num_shards)
     # Reproducible FFT plans: a resumed or sharded run must equal an uninterrupted one bit for bit.
+    # The backend comes first: one that cannot run here (julia without Julia) fails before anything is written.
     equation = make_equation(plan.config, get_backend(backend, device=device, dtype=plan.dtype, reproducible=True))
+    check_manifest(directory, plan, num_shards)
     stepper = make_stepper(equation, plan.config.dt)
     name = name or f"emu_{plan.config.system}_{plan.config.preset}"
     finished = []
