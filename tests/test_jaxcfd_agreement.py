@@ -84,7 +84,11 @@ def test_fixture_matches_emus_documented_configuration(reference):
     assert float(reference["drag"]) == config.drag == 0.1
     assert list(reference["steps"]) == [1, 10, 100, 500]
     omega0 = make_equation(config, get_backend("numpy", dtype="float64")).initial_condition(1, seed=int(reference["seed"]))[0]
-    assert np.array_equal(omega0, reference["omega0"]), "emu's initial condition changed: regenerate the fixture"
+    # Round-off level, not bitwise: FFTW's planner may pick another (equally exact) algorithm on
+    # another machine (seen: 3.5e-13 on a field of size 60).
+    scale = float(np.abs(reference["omega0"]).max())
+    assert np.abs(omega0 - reference["omega0"]).max() <= 1e-12 * scale, \
+        "emu's initial condition changed: regenerate the fixture"
     assert np.all(np.isfinite(reference["omega"]))
 
 

@@ -24,6 +24,26 @@ def _run(tmp_path, config=None, **options):
     return simulate(config, out=tmp_path / "out.h5", **dict(dict(steps=2, save_every=1, progress=False), **options))
 
 
+def _cupy_can_run() -> bool:
+    try:
+        from emu.cuda import require_cupy
+
+        require_cupy()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+# What --backend cupy says on a machine where it cannot run: no CuPy (this repository's CI), or CuPy
+# without a usable GPU.
+try:
+    import cupy  # noqa: F401
+
+    _CUPY_MISSING = ["CuPy is installed but finds no usable CUDA device"]
+except ImportError:
+    _CUPY_MISSING = ["CuPy is not installed", 'pip install -e ".[gpu]"', "--backend torch/numpy"]
+
+
 def _torch_has_cuda() -> bool:
     try:
         import torch
@@ -100,9 +120,12 @@ CASES = [
          ["--backend", "jax"], ["backend must be one of", "numpy", "torch", "jax"],
          cli_fragments=["Invalid value for '--backend'", "'jax' is not one of", "'numpy'", "'torch'"]),
     Case("backend-cupy", lambda t: _run(t, backend="cupy"), BackendUnavailable,
-         ["--backend", "cupy"], ["backend 'cupy' is not available yet", "--backend torch --device cuda"]),
+         ["--backend", "cupy"], _CUPY_MISSING,
+         marks=[pytest.mark.skipif(_cupy_can_run(), reason="CuPy runs on this machine's GPU")]),
+    Case("cupy-on-cpu", lambda t: _run(t, backend="cupy", device="cpu"), ValueError,
+         ["--backend", "cupy", "--device", "cpu"], ["the cupy backend runs on 'cuda' or 'cuda:N'", "'cpu'"]),
     Case("backend-julia", lambda t: _run(t, backend="julia"), BackendUnavailable,
-         ["--backend", "julia"], ["backend 'julia' is not available yet", "--backend numpy"]),
+         ["--backend", "julia"], ["julia", "install"]),  # juliacall missing, or Julia cannot start here
     Case("unknown-dtype", lambda t: _run(t, dtype="float16"), ValueError,
          ["--dtype", "float16"], ["dtype must be one of", "float32", "float64", "float16"],
          cli_fragments=["Invalid value for '--dtype'", "'float16' is not one of"]),
@@ -196,6 +219,10 @@ def test_cli_init_file_must_exist(tmp_path):
 def test_get_backend_messages():
     with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch', 'cupy', 'julia'\), got 'jax'"):
         get_backend("jax")
-    for name in ("cupy", "julia"):
-        with pytest.raises(BackendUnavailable, match=f"backend '{name}' is not available yet"):
-            get_backend(name)
+    # No Julia on test machines: juliacall is missing (CI) or cannot start Julia offline.
+    with pytest.raises(BackendUnavailable, match=r"julia backend needs juliacall|Julia could not be started"):
+        get_backend("julia")
+    if not _cupy_can_run():
+        with pytest.raises(BackendUnavailable) as caught:
+            get_backend("cupy")
+        assert all(fragment in str(caught.value) for fragment in _CUPY_MISSING), str(caught.value)

@@ -12,8 +12,12 @@ Backends:
   torch  - CPU or CUDA (`device="cuda"`); elementwise work on every CPU thread torch is given, FFTs
            by cuFFT on the GPU and by FFTW on the CPU (torch.fft when pyFFTW is missing).
   EMU_FFT=numpy in the environment switches FFTW off (numpy's or torch's own FFTs).
-  cupy   - not yet available (its own issue); asking for it raises `BackendUnavailable`.
-  julia  - not yet available (its own issue); asking for it raises `BackendUnavailable`.
+  cupy   - CUDA (`device="cuda"` or "cuda:N"): CuPy arrays, cuFFT through cupy.fft, and the solvers'
+           elementwise chains run as fused CUDA kernels (kernels/spectral.cu, emu.solvers.fused; set
+           EMU_CUPY_FUSED=0 for CuPy's generic array expressions instead). Raises `BackendUnavailable`
+           saying what to install when CuPy or a GPU is missing (emu.cuda.require_cupy).
+  julia  - CPU or CUDA; the state is stepped by emu's Julia package through juliacall (`emu.julia`), numpy
+           arrays on the Python side. Raises `BackendUnavailable` saying why when Julia cannot start.
 """
 
 from __future__ import annotations
@@ -146,9 +150,10 @@ class ArrayBackend:
     """An array namespace plus the few operations the solvers need beyond arithmetic.
 
     Attributes:
-        name: "numpy" or "torch".
-        device: "cpu" or a torch device string such as "cuda" or "cuda:1".
+        name: "numpy", "torch" or "cupy".
+        device: "cpu" or a torch device string such as "cuda" or "cuda:1" (cupy: always "cuda:N").
         dtype: real floating-point precision of physical fields, "float32" or "float64".
+        fused_kernels: whether the equations run their fused CUDA kernels (`fused_operators`).
     """
 
     name: str
@@ -156,6 +161,7 @@ class ArrayBackend:
     dtype: str
     xp: Any  # the array_api_compat namespace
     fft: Any = None  # FFTWPlans for the numpy backend when pyFFTW is installed
+    fused_kernels: bool = False
 
     @property
     def real_dtype(self):
@@ -173,6 +179,8 @@ class ArrayBackend:
             host = host.astype(np.complex64 if dtype == np.complex128 else np.float32)
         if self.name == "numpy":
             return np.ascontiguousarray(host)
+        if self.name == "cupy":  # onto the current device, which get_backend selected
+            return self.native.asarray(host)
         return self.xp.asarray(host, device=self.device)
 
     def to_numpy(self, array) -> np.ndarray:
@@ -180,6 +188,8 @@ class ArrayBackend:
         changing the result cannot change the solver state)."""
         if self.name == "numpy":
             return np.array(array, copy=True)
+        if self.name == "cupy":
+            return array.get()  # a new host array
         return array.detach().cpu().numpy().copy()
 
     def rfft2(self, field):
@@ -200,9 +210,13 @@ class ArrayBackend:
 
     @property
     def native(self):
-        """The numpy or torch module itself, for `multiply(a, b, out=...)` into preallocated buffers."""
+        """The numpy, torch or cupy module itself, for `multiply(a, b, out=...)` into preallocated buffers."""
         if self.name == "numpy":
             return np
+        if self.name == "cupy":
+            import cupy
+
+            return cupy
         import torch
 
         return torch
@@ -212,6 +226,8 @@ class ArrayBackend:
         dtype = self.complex_dtype if complex_valued else self.real_dtype
         if self.name == "numpy":
             return np.empty(shape, dtype=dtype)
+        if self.name == "cupy":  # on the current device, which get_backend selected
+            return self.native.empty(shape, dtype=dtype)
         return self.xp.empty(shape, dtype=dtype, device=self.device)
 
     def all_finite(self, array) -> bool:
@@ -224,7 +240,39 @@ class ArrayBackend:
         return self.xp.stack(arrays, axis=axis)
 
     def copy(self, array):
-        return array.copy() if self.name == "numpy" else array.clone()
+        return array.clone() if self.name == "torch" else array.copy()
+
+    def fused_operators(self, equation):
+        """Fused-kernel operators for `equation` (emu.solvers.fused), or None when this backend has
+        none (numpy, torch) or the system has no fused kernels; the equation's generic array code runs
+        then."""
+        if not self.fused_kernels:
+            return None
+        from emu.solvers.fused import fused_operators
+
+        return fused_operators(equation)
+
+
+def _cupy_backend(device: str | None, dtype: str) -> ArrayBackend:
+    """The cupy backend on `device` ("cuda" or "cuda:N"), made the current CuPy device of this thread
+    so that arrays, FFTs and kernels all land there."""
+    device = device or "cuda"
+    index_text = device[len("cuda:"):] if device.startswith("cuda:") else "0" if device == "cuda" else None
+    if index_text is None or not index_text.isdigit():
+        raise ValueError(f"device: the cupy backend runs on 'cuda' or 'cuda:N', got {device!r}; "
+                         "use --backend numpy or torch for the CPU")
+    from emu.cuda import require_cupy  # emu.cuda imports this module: import here, not at the top
+
+    cupy = require_cupy()
+    index = int(index_text)
+    count = cupy.cuda.runtime.getDeviceCount()
+    if index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    cupy.cuda.Device(index).use()
+    import array_api_compat.cupy as xp
+
+    fused = os.environ.get("EMU_CUPY_FUSED", "1") != "0"
+    return ArrayBackend("cupy", f"cuda:{index}", dtype, xp, None, fused_kernels=fused)
 
 
 def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "float64",
@@ -266,13 +314,9 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         use_fftw = device == "cpu" and os.environ.get("EMU_FFT", "fftw") != "numpy"
         return ArrayBackend("torch", device, dtype, xp, fftw_plans("torch", reproducible) if use_fftw else None)
     if name == "cupy":
-        raise BackendUnavailable(
-            "backend 'cupy' is not available yet: the CuPy backend and fused CUDA kernels land in their own "
-            "issue. Use --backend torch --device cuda for GPU runs today."
-        )
+        return _cupy_backend(device, dtype)
     if name == "julia":
-        raise BackendUnavailable(
-            "backend 'julia' is not available yet: the Julia solver package and its juliacall bridge land in "
-            "their own issue. Use --backend numpy or --backend torch today."
-        )
+        from emu.julia import julia_backend  # starts Julia now (juliacall), or says why it cannot
+
+        return julia_backend(device=device, dtype=dtype, reproducible=reproducible)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

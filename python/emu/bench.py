@@ -65,6 +65,8 @@ def emu_steps_per_second(system: str, preset: str | None, backend: str, grid: in
     config = make_config(system, preset, grid_size=grid)
     array_backend = get_backend(backend, device=device, dtype=dtype)
     equation = make_equation(config, array_backend)
+    if backend == "julia":
+        return julia_steps_per_second(equation, batch, seconds)
     stepper = make_stepper(equation, config.dt)
     holder = [stepper.init(equation.to_state(equation.initial_condition(batch, seed=0)))]
 
@@ -76,7 +78,23 @@ def emu_steps_per_second(system: str, preset: str | None, backend: str, grid: in
         import torch
 
         synchronize = torch.cuda.synchronize
+    if backend == "cupy":  # kernels and cuFFT run asynchronously on CuPy's current stream
+        synchronize = array_backend.native.cuda.get_current_stream().synchronize
     return calls_per_second(step, seconds, synchronize=synchronize)
+
+
+def julia_steps_per_second(equation, batch: int, seconds: float, inner: int = 10) -> float:
+    """Steps/s of emu's Julia solver: `inner` steps per call into Julia (as jax-cfd's are timed), the
+    state staying in Julia; the same random initial condition as the Python backends."""
+    from emu.julia import JuliaSolver
+
+    backend = equation.backend
+    solver = JuliaSolver(equation.config, batch=batch, dtype=backend.dtype, device=backend.solver_device)
+    solver.set_fields(equation.initial_condition(batch, seed=0))
+    rate = calls_per_second(lambda: solver.step(inner), seconds, warmup=2, minimum=2, synchronize=solver.synchronize)
+    if not solver.all_finite():
+        raise RuntimeError("julia benchmark state became non-finite")
+    return rate * inner
 
 
 def jaxcfd_steps_per_second(grid: int, dtype: str, seconds: float, viscosity: float = 1e-3,
@@ -133,6 +151,14 @@ def run_benchmarks(*, system: str, preset: str | None, backends: list[str], grid
                    echo: Callable[[str], None] = print) -> list[dict]:
     """Runs every (backend, grid) pair and the peer for `system`; prints a table; returns the rows."""
     preset_name = make_config(system, preset).preset
+    if "julia" in backends:  # fail before any timing when Julia cannot start (and start it before torch)
+        from emu.julia import start
+
+        start()
+    if "cupy" in backends:  # fail before any timing when CuPy or a GPU is missing
+        from emu.cuda import require_cupy
+
+        require_cupy()
     rows = []
     header = f"{'solver':<22}{'grid':>6}{'batch':>7}{'steps/s':>12}{'traj-steps/s':>14}{'Mpts*steps/s':>15}{'vs peer':>10}"
     echo(f"emu bench: {system} ({preset_name}), {dtype}, ~{seconds:g} s per measurement")

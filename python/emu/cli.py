@@ -73,7 +73,7 @@ def solver_options(command):
         click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True),
         click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet."),
         click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True),
-        click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend)."),
+        click.option("--device", default=None, help="cpu (default) or cuda[:N] (torch backend; cupy: cuda[:N] only)."),
         click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True),
     ]
     for option in reversed(options):
@@ -179,16 +179,29 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
 @click.option("--unroll", type=int, default=4, show_default=True, help="Emulator training: unrolled steps per window.")
 @click.option("--amp", is_flag=True, help="Emulators: bfloat16 autocast.")
 @click.option("--compile", "compile_network", is_flag=True, help="Emulators: torch.compile the network.")
+@click.option("--ddpm", is_flag=True, help="Time the fused DDPM step (CuPy kernel) against eager torch and torch.compile "
+              "instead. [defaults: --grid 64, batch 64,256,1024 (or --batch), float32]")
 def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, device, emulators, channels,
-          unroll, amp, compile_network):
-    """Throughput of solvers (steps/s, with the peers' numbers) or, with --emulator, of neural emulators.
+          unroll, amp, compile_network, ddpm):
+    """Throughput of solvers (steps/s, with the peers' numbers), with --emulator of neural emulators, with --ddpm
+    of the DDPM reverse step (time, GB/s and fraction of the measured copy bandwidth).
 
     \b
     python -m emu.cli bench --system qg --backend numpy,torch --grid 64,128,256
     python -m emu.cli bench --system kolmogorov --grid 64,256 --dtype float32
     python -m emu.cli bench --emulator unet:small,drn:small --grid 32,64 --batch 8
+    python -m emu.cli bench --ddpm --device cuda
     """
     try:
+        if ddpm:
+            from emu.bench_ddpm import DEFAULT_BATCHES, run_ddpm_benchmarks
+
+            dtype_given = click.get_current_context().get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT
+            for grid in _int_list(grids or "64", "grid"):
+                run_ddpm_benchmarks(batches=[batch] if batch else list(DEFAULT_BATCHES), grid=grid,
+                                    dtype=dtype if dtype_given else "float32", device=device, seconds=seconds,
+                                    echo=click.echo)
+            return
         if emulators:
             from emu.training.throughput import parse_emulator_specs, run_emulator_benchmarks
 
@@ -367,7 +380,7 @@ def train():
     """Train models: emulators and the Thermalizer's diffusion model."""
 
 
-def training_options(*, batch_size: int, lr: float, out: str):
+def training_options(*, batch_size: int, lr: float, out: str, max_grad_norm: float | None = None):
     """The options every `train` command shares (optimiser, devices, files), with per-model defaults."""
     options = [
         click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True,
@@ -381,6 +394,8 @@ def training_options(*, batch_size: int, lr: float, out: str):
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the network."),
         click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--max-grad-norm", type=float, default=max_grad_norm, show_default=True,
+                     help="Clip the global gradient norm to this before each step; 0 turns clipping off."),
         click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
         click.option("--out", type=click.Path(file_okay=False), default=out, show_default=True),
         click.option("--resume", is_flag=True, help="Continue from OUT/last.pt."),
@@ -397,6 +412,8 @@ def training_options(*, batch_size: int, lr: float, out: str):
 
 def _run_training(train_function, config_class, out, resume, progress, **settings):
     """Builds the config (its validation errors become clean CLI errors), trains, names the outputs."""
+    if settings.get("max_grad_norm") == 0:
+        settings["max_grad_norm"] = None
     try:
         config = config_class(**settings)
         train_function(config, out, resume=resume, progress=progress, echo=click.echo)
@@ -412,7 +429,7 @@ def _run_training(train_function, config_class, out, resume, progress, **setting
 @click.option("--noise", type=float, default=1e-5, show_default=True, help="Input noise tau (1e-5 DRN, 1e-4 UNet).")
 @training_options(batch_size=32, lr=5e-4, out="run")
 def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weight_decay, schedule, amp, compile_model,
-             workers, seed, device, out, resume, progress):
+             workers, seed, max_grad_norm, device, out, resume, progress):
     """Train a residual emulator with the unrolled multistep loss (torchrun for several processes).
 
     \b
@@ -423,7 +440,8 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 
     _run_training(train_emulator, TrainingConfig, out, resume, progress, data=str(data_dir), arch=arch, preset=preset,
                   unroll=unroll, noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  schedule=schedule, amp=amp, compile=compile_model, seed=seed, num_workers=workers, device=device)
+                  schedule=schedule, amp=amp, compile=compile_model, seed=seed, num_workers=workers, device=device,
+                  max_grad_norm=max_grad_norm)
 
 
 @train.command()
@@ -431,9 +449,9 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 @click.option("--levels", "num_levels", type=int, default=1000, show_default=True, help="Diffusion levels T (cosine schedule).")
 @click.option("--classifier-weight", type=float, default=1.0, show_default=True, help="Weight of the level cross-entropy.")
 @click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
-@training_options(batch_size=64, lr=2e-4, out="thermalizer")
+@training_options(batch_size=64, lr=2e-4, out="thermalizer", max_grad_norm=1.0)
 def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epochs, batch_size, lr, weight_decay,
-                schedule, amp, compile_model, workers, seed, device, out, resume, progress):
+                schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, progress):
     """Train the Thermalizer: a DDPM of single snapshots with a noise-level classifier head (paper eq. 8).
 
     \b
@@ -445,7 +463,7 @@ def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epoc
     _run_training(train_thermalizer, ThermalizerTrainingConfig, out, resume, progress, data=str(data_dir),
                   preset=preset, num_levels=num_levels, classifier_weight=classifier_weight, ema_decay=ema_decay,
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
-                  compile=compile_model, seed=seed, num_workers=workers, device=device)
+                  compile=compile_model, seed=seed, num_workers=workers, device=device, max_grad_norm=max_grad_norm)
 
 
 @main.group()
@@ -537,6 +555,50 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
         if runaway.any():
             click.echo(f"warning: predicted level ran away (> {runaway_level}) in {int(runaway.sum())} sample-steps "
                        "(flagged in emu/runaway; corrected from --runaway-level)", err=True)
+
+
+@main.group()
+def julia():
+    """The julia backend: check and install Julia and emu's Julia package (through juliacall)."""
+
+
+@julia.command("status")
+def julia_status():
+    """What the julia backend would use (juliacall, Julia, the Emu package); never starts Julia.
+
+    \b
+    python -m emu.cli julia status
+    """
+    from emu.julia import status
+
+    lines = status()
+    width = max(len(item) for item, _ in lines)
+    for item, value in lines:
+        click.echo(f"{item:<{width}}  {value}")
+
+
+@julia.command("install")
+@click.option("--cuda", is_flag=True, help="Also install CUDA.jl (for --backend julia --device cuda).")
+@click.option("--update", is_flag=True, help="Update the Julia packages to their newest compatible versions.")
+def julia_install(cuda, update):
+    """Install Julia (if needed) and emu's Julia packages now, showing progress (several minutes, once).
+
+    Without this, the first `--backend julia` run does the same wait. PYTHON_JULIAPKG_EXE=/path/to/julia
+    uses a Julia you installed; PYTHON_JULIAPKG_PROJECT chooses the Julia environment.
+
+    \b
+    python -m emu.cli julia install
+    python -m emu.cli julia install --cuda
+    """
+    from emu.julia import install
+
+    try:
+        main_module = install(cuda=cuda, update=update)
+    except BackendUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    version = main_module.seval("string(VERSION)")
+    click.echo(f"Julia {version} with emu's Julia package (Emu) installed and loaded"
+               + (", CUDA.jl working" if cuda else "") + "; `--backend julia` is ready.")
 
 if __name__ == "__main__":
     main()

@@ -81,6 +81,9 @@ class AdamsBashforth3:
 
     name = "ab3"
     history_names = ("tendency_1", "tendency_2")
+    # (c0, c1, c2) of f_n, f_{n-1}, f_{n-2} at levels 0, 1, >= 2, as `step` spells them out (the fused
+    # twin in emu.solvers.fused reads them from here).
+    startup_coefficients = ((1.0,), (1.5, -0.5), (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0))
 
     def __init__(self, equation, dt: float):
         if equation.linear_operator is not None:
@@ -143,7 +146,14 @@ STEPPERS = {stepper.name: stepper for stepper in (CrankNicolsonRK4, AdamsBashfor
 
 def make_stepper(equation, dt: float, name: str | None = None):
     """The equation's default stepper (or `name`: 'cn_rk4', 'ab3', 'rk4') with step size dt."""
+    if isinstance(getattr(getattr(equation, "backend", None), "solver_device", None), str):  # julia: steps in Julia
+        from emu.julia import JuliaStepper
+
+        return JuliaStepper(equation, dt, name)
     name = name or equation.default_stepper
     if name not in STEPPERS:
         raise ValueError(f"stepper must be one of {tuple(STEPPERS)}, got {name!r}")
-    return STEPPERS[name](equation, dt)
+    # Fused kernels (`equation.fused`, the cupy backend) may bring a fused twin of this stepper: same
+    # scheme, coefficients and StepperState (emu.solvers.fused).
+    fused = getattr(equation, "fused", None)
+    return getattr(fused, "steppers", {}).get(name, STEPPERS[name])(equation, dt)

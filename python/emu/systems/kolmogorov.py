@@ -143,6 +143,9 @@ class KolmogorovEquation:
         mask = two_thirds_mask if config.dealias == "two_thirds" else jax_cfd_mask
         self.dealias = backend.asarray(mask(config.grid_size))
         self._negative_dealias = -self.dealias
+        # Fused CUDA kernels for explicit_terms and the CN-RK4 stages when the backend has them (cupy);
+        # None elsewhere, and the array expressions below run.
+        self.fused = backend.fused_operators(self)
 
     # -- the equation -------------------------------------------------------------------------
     def velocity_hat(self, omega_hat):
@@ -168,6 +171,8 @@ class KolmogorovEquation:
 
     def explicit_terms(self, omega_hat):
         """N(omega_hat): filtered advection plus forcing (jax-cfd's `explicit_terms`)."""
+        if self.fused is not None:
+            return self.fused.explicit_terms(omega_hat)
         terms = self.advection_hat(omega_hat)
         if self.forcing_hat is not None:
             terms = terms + self.forcing_hat

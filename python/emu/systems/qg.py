@@ -180,6 +180,9 @@ class QGEquation:
         else:
             step_filter = None
         self.step_filter = None if step_filter is None else backend.asarray(step_filter)
+        # Fused CUDA kernels for explicit_terms and the AB3 step when the backend has them (cupy); None
+        # elsewhere, and the array expressions below run.
+        self.fused = backend.fused_operators(self)
 
     # -- the equation -------------------------------------------------------------------------
     def streamfunction_hat(self, q_hat):
@@ -194,6 +197,8 @@ class QGEquation:
 
     def explicit_terms(self, q_hat):
         """dq_hat/dt: advection (with background flow), beta and bottom drag, as pyqg computes it."""
+        if self.fused is not None:
+            return self.fused.explicit_terms(q_hat)
         grid, native, backend = self.grid, self.backend.native, self.backend
         psi_hat = self.streamfunction_hat(q_hat)
         # Inputs of the three inverse transforms (q, u, v) written into one buffer: one batched call.

@@ -46,6 +46,10 @@ class OptimisationSettings:
         schedule: "constant" or "cosine" (cosine decay to 0 over all epochs).
         amp: bfloat16 autocast; compile: torch.compile the objective.
         seed: initialisation, shuffling and noise.
+        max_grad_norm: clip the global gradient norm to this before each step (None: no clipping).
+            Diffusion training uses it (1.0, as in diffusers' and the DDPM reference trainers): one
+            bad batch of the level classifier's cross-entropy otherwise throws the head back to
+            uniform logits (seen at lr 1e-3: cross-entropy 6.9 -> 9.6 in one epoch).
         num_workers: DataLoader workers.
         device: "cpu", "cuda" or None (cuda when available).
     """
@@ -61,6 +65,7 @@ class OptimisationSettings:
     seed: int = 0
     num_workers: int = 0
     device: str | None = None
+    max_grad_norm: float | None = None
 
     def __post_init__(self):
         checks = [
@@ -71,6 +76,8 @@ class OptimisationSettings:
             (self.schedule in ("constant", "cosine"), "schedule", "'constant' or 'cosine'", self.schedule),
             (isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0",
              self.num_workers),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None",
+             self.max_grad_norm),
         ]
         for ok, name, allowed, value in checks:
             if not ok:
@@ -254,6 +261,8 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
                 loss = objective(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(job.module.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             if ema is not None:

@@ -41,7 +41,7 @@ from emu.training.trainer import dataset_info
 @dataclass(frozen=True)
 class ThermalizerTrainingConfig(loop.OptimisationSettings):
     """Settings of one thermalizer training run: the shared optimisation settings (see
-    `loop.OptimisationSettings`; here batch 64 and lr 2e-4 by default, every stored snapshot of the
+    `loop.OptimisationSettings`; here batch 64, lr 2e-4 and gradient-norm clipping at 1 by default, every stored snapshot of the
     training split a sample) plus
 
     Attributes:
@@ -53,6 +53,7 @@ class ThermalizerTrainingConfig(loop.OptimisationSettings):
 
     batch_size: int = 64
     lr: float = 2e-4
+    max_grad_norm: float | None = 1.0
     preset: str = "small"
     num_levels: int = 1000
     classifier_weight: float = 1.0
