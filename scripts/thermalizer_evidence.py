@@ -45,10 +45,14 @@ PRESETS = {
     # 2-core CPU, well under an hour in all (measured timings in the issue note).
     "small": {
         "solver_grid": 64, "grid": 32, "trajectories": 48, "length": 80, "interval": 10, "seed": 0,
-        "reference_trajectories": 4, "steps": 500,
-        "emulator": {"arch": "drn", "preset": "small", "unroll": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3},
+        "reference_trajectories": 4, "steps": 2000,
+        # One epoch of a small UNet: an imperfect emulator that leaves the attractor within a few
+        # hundred steps. (A one-epoch DRN fails differently: it over-smooths and then a large-scale
+        # mode grows, which the noise-level classifier does not see; recorded in the issue note.)
+        "emulator": {"arch": "unet", "preset": "small", "unroll": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3,
+                     "noise": 1e-4},
         "thermalizer": {"preset": "small", "epochs": 40, "batch_size": 16, "lr": 1e-3, "num_levels": 1000},
-        "tune": {"s_inits": [10, 30, 60], "s_stops": [4], "trajectories": 2, "steps": 150},
+        "tune": {"s_inits": [10, 30, 60], "s_stops": [4], "trajectories": 2, "steps": 300},
     },
     # A seconds-long run of every stage (tests/test_thermalizer_evidence.py); says nothing about physics.
     "smoke": {
@@ -264,7 +268,7 @@ def analyse(settings: dict, reference: Path, runs: dict, tuned: dict, emulator: 
     results["wavenumbers"] = k.tolist()
     results["spectra"] = {name: values.tolist() for name, values in spectra.items()}
     plot_figure1(solver, records, spectra, k, settings, out / "figure1.png")
-    plot_mse(records, threshold, decorrelated, out / "mse.png")
+    plot_mse(records, threshold, decorrelated, tuned["s_init"], out / "mse.png")
     return results
 
 
@@ -307,7 +311,7 @@ def plot_figure1(solver, records, spectra, k, settings, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_mse(records, threshold: float, decorrelated: float, path: Path) -> None:
+def plot_mse(records, threshold: float, decorrelated: float, s_init: int, path: Path) -> None:
     from emu.plotting import _pyplot, save_figure_atomically
 
     plt = _pyplot()
@@ -326,8 +330,9 @@ def plot_mse(records, threshold: float, decorrelated: float, path: Path) -> None
     steps = np.arange(1, levels.shape[1] + 1)
     for trajectory in levels:
         axes[1].plot(steps, trajectory, linewidth=0.6)
-    axes[1].axhline(thermalized.get("s_init", np.nan), color="k", linestyle=":")
-    axes[1].set_ylabel("predicted noise level")
+    axes[1].axhline(s_init, color="k", linestyle=":", label=f"s_init = {s_init}")
+    axes[1].set_yscale("symlog", linthresh=10)
+    axes[1].set_ylabel("predicted noise level"), axes[1].legend(fontsize=8)
     denoise = thermalized["denoising_steps"][:, 1:]
     axes[2].plot(steps, np.cumsum(denoise, axis=1).T, linewidth=0.8)
     axes[2].set_ylabel("cumulative denoising steps"), axes[2].set_xlabel("emulator step")
