@@ -202,18 +202,21 @@ def test_kernel_entry_points_in_ptx_and_host_library(host_library, tmp_path):
     assert entries == expected
 
 
-def test_kernel_headers_digest_covers_every_include():
-    """CupyRuntime keys CuPy's binary cache by a digest of KERNEL_HEADERS; a header missing there would
-    let an edit of it run a stale binary."""
-    from emu.solvers.fused import KERNEL_HEADERS
+@pytest.mark.parametrize("source, expected", [("spectral.cu", {"spectral.cuh", "emu_common.cuh"}),
+                                              ("ddpm.cu", {"ddpm.cuh", "philox.cuh"})])
+def test_kernel_headers_digest_covers_every_include(source, expected):
+    """emu.cuda.raw_module keys CuPy's binary cache by a digest of `included_headers`; a header missing
+    there would let an edit of it run a stale binary."""
+    from emu.cuda import included_headers
 
-    included, pending = set(), ["spectral.cu"]
+    KERNEL_HEADERS = included_headers(source)
+    included, pending = set(), [source]
     while pending:
         for header in re.findall(r'#include\s+"([^"]+)"', (KERNELS / pending.pop()).read_text()):
             if header not in included:
                 included.add(header)
                 pending.append(header)
-    assert included == set(KERNEL_HEADERS)
+    assert included == set(KERNEL_HEADERS) == expected
 
 
 # -- single kernels against the equations -------------------------------------------------------------

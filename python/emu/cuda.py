@@ -3,8 +3,8 @@
 Everything in emu that runs a hand-written CUDA kernel goes through here, so there is one place that
 knows where the sources live (`kernels/`, shipped as `emu/_resources/kernels`), how they are compiled
 (NVRTC through `cupy.RawModule`, once per source and options, cached for the process and on disk by
-CuPy), and how torch tensors cross (DLPack, zero copies) and on which stream kernels run (torch's
-current stream, so no host synchronisation is needed between a torch op and a kernel).
+CuPy, keyed by the headers too) and on which stream kernels run (CuPy's view of torch's current
+stream, so no host synchronisation is needed between a torch op and a kernel).
 
 CuPy is imported lazily: importing emu never needs it. When it cannot run, `require_cupy` raises
 `BackendUnavailable` with the reason and what to install.
@@ -12,8 +12,9 @@ CuPy is imported lazily: importing emu never needs it. When it cannot run, `requ
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
+import re
 from typing import Any
 
 from emu.backends import BackendUnavailable
@@ -41,27 +42,56 @@ def require_cupy() -> Any:
     return cupy
 
 
+_INCLUDE = re.compile(r'#include\s+"([^"]+)"')
+
+
+def included_headers(source_name: str) -> tuple[str, ...]:
+    """The local headers (`#include "..."`, transitively) of `kernels/<source_name>`, sorted."""
+    directory = kernels_dir()
+    found, pending = set(), [source_name]
+    while pending:
+        for header in _INCLUDE.findall((directory / pending.pop()).read_text()):
+            if header not in found:
+                found.add(header)
+                pending.append(header)
+    return tuple(sorted(found))
+
+
 @functools.lru_cache(maxsize=None)
 def raw_module(source_name: str, options: tuple[str, ...] = ()) -> Any:
-    """`cupy.RawModule` of `kernels/<source_name>`, compiled once per process (CuPy caches the binary
-    on disk too). Headers beside it are found through `-I kernels/`."""
+    """`cupy.RawModule` of `kernels/<source_name>`, compiled once per process. Headers beside it are
+    found through `-I kernels/`.
+
+    CuPy's on-disk cache keys a binary by the source text and the options only, not by the headers the
+    source includes, so an edit of a header alone would run a stale binary; a digest of the included
+    headers is passed as `-DEMU_HEADERS_DIGEST=...` to put them into the key.
+    """
     cupy = require_cupy()
     directory = kernels_dir()
     path = directory / source_name
     if not path.is_file():
         raise FileNotFoundError(f"CUDA source {path} not found (broken install?)")
-    return cupy.RawModule(code=path.read_text(), options=(*NVRTC_OPTIONS, f"-I{directory}", *options))
+    digest = hashlib.sha256()
+    for header in included_headers(source_name):
+        digest.update((directory / header).read_bytes())
+    return cupy.RawModule(code=path.read_text(), options=(
+        *NVRTC_OPTIONS, f"-I{directory}", f"-DEMU_HEADERS_DIGEST={digest.hexdigest()[:16]}", *options))
 
 
-def torch_stream() -> contextlib.AbstractContextManager:
-    """A context in which CuPy launches on torch's current CUDA stream (no host sync between them)."""
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
+def torch_stream(stream: Any = None) -> Any:
+    """CuPy's view of a torch CUDA stream (torch's current one when None), cached per stream: kernels
+    launched in it run after the work torch has queued there."""
     cupy = require_cupy()
     import torch
 
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-
-
-def as_cupy(tensor: Any) -> Any:
-    """A CuPy view of a CUDA torch tensor (DLPack: same memory, no copy)."""
-    cupy = require_cupy()
-    return cupy.from_dlpack(tensor)
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    key = (stream.device.index, stream.cuda_stream)
+    if key not in _STREAMS:
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            _STREAMS[key] = cupy.cuda.Stream.from_external(stream)  # CuPy >= 14
+        else:
+            _STREAMS[key] = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+    return _STREAMS[key]

@@ -305,9 +305,9 @@ def _samples(name: str, tensor, like=None):
 
 
 def _seed_offset(seed: int, offset: int) -> tuple[Any, Any]:
-    from emu.diffusion.philox import _check_uint64
+    from emu.diffusion.philox import check_uint64
 
-    return np.uint64(_check_uint64("seed", seed)), np.uint64(_check_uint64("offset", offset))
+    return np.uint64(check_uint64("seed", seed)), np.uint64(check_uint64("offset", offset))
 
 
 def fused_ddpm_step(noisy, predicted_noise, reciprocal_sqrt_alpha, noise_coefficient, posterior_std,

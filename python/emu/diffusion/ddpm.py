@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from emu.backends import BackendUnavailable
+from emu.diffusion.philox import check_uint64, philox_normal
 from emu.diffusion.schedules import CosineSchedule
 
 DiffusionBackend = Literal["auto", "torch", "cupy", "julia"]
@@ -80,12 +81,8 @@ def add_noise(schedule: CosineSchedule, clean: torch.Tensor, levels: int | torch
     Returns:
         The noised samples, clean's shape, dtype and device.
     """
-    _check_sample("clean", clean)
-    implementation = _resolve_backend(backend, clean)
-    _check_same_shape("noise", noise, "clean", clean)
-    levels = schedule.check_levels(levels, clean.shape[0], clean.device)
-    signal_scale = schedule._gather_checked("sqrt_alpha_bars", levels, clean)
-    noise_scale = schedule._gather_checked("sqrt_one_minus_alpha_bars", levels, clean)
+    implementation, signal_scale, noise_scale = _marginal_scales(schedule, levels, backend, "clean", clean,
+                                                                 "noise", noise)
     if implementation == "cupy":
         from emu.diffusion.fused import fused_add_noise
 
@@ -105,12 +102,8 @@ def tweedie(schedule: CosineSchedule, noisy: torch.Tensor, levels: int | torch.T
         predicted_noise: eps_hat, noisy's shape.
         backend: as in `add_noise`.
     """
-    _check_sample("noisy", noisy)
-    implementation = _resolve_backend(backend, noisy)
-    _check_same_shape("predicted_noise", predicted_noise, "noisy", noisy)
-    levels = schedule.check_levels(levels, noisy.shape[0], noisy.device)
-    signal_scale = schedule._gather_checked("sqrt_alpha_bars", levels, noisy)
-    noise_scale = schedule._gather_checked("sqrt_one_minus_alpha_bars", levels, noisy)
+    implementation, signal_scale, noise_scale = _marginal_scales(schedule, levels, backend, "noisy", noisy,
+                                                                 "predicted_noise", predicted_noise)
     if implementation == "cupy":
         from emu.diffusion.fused import fused_tweedie
 
@@ -172,8 +165,8 @@ def ddpm_step(noisy: torch.Tensor, levels: int | torch.Tensor, predicted_noise: 
         if seed is not None:
             raise ValueError("pass either noise or seed (the Philox key of in-kernel noise), not both")
     if seed is not None:
-        _check_uint64("seed", seed)
-    _check_uint64("offset", offset)
+        check_uint64("seed", seed)
+    check_uint64("offset", offset)
     levels = schedule.check_levels(levels, noisy.shape[0], noisy.device)
 
     # (1) Mean of the reverse step, Ho et al. eq. 11; the coefficients were computed in float64.
@@ -351,16 +344,21 @@ def _draw_seed(generator: torch.Generator | None) -> int:
 
 def _philox_noise(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     """emu's Philox noise of like's shape and dtype (numpy reference), on like's device."""
-    from emu.diffusion.philox import philox_normal
-
     dtype = np.float64 if like.dtype == torch.float64 else np.float32
     noise = torch.from_numpy(philox_normal(tuple(like.shape), seed, offset, dtype=dtype))
     return noise.to(device=like.device, dtype=like.dtype)
 
 
-def _check_uint64(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**64:
-        raise ValueError(f"{name} must be an integer in [0, 2**64 - 1], got {value!r}")
+def _marginal_scales(schedule: CosineSchedule, levels, backend: str, sample_name: str, sample: Any,
+                     partner_name: str, partner: Any) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Checks a sample, its same-shaped partner (noise or eps_hat), the levels and the backend; returns
+    the implementation to run and sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) per sample, broadcastable."""
+    _check_sample(sample_name, sample)
+    implementation = _resolve_backend(backend, sample)
+    _check_same_shape(partner_name, partner, sample_name, sample)
+    levels = schedule.check_levels(levels, sample.shape[0], sample.device)
+    return (implementation, schedule._gather_checked("sqrt_alpha_bars", levels, sample),
+            schedule._gather_checked("sqrt_one_minus_alpha_bars", levels, sample))
 
 
 def _check_sample(name: str, tensor: Any) -> None:

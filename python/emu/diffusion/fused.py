@@ -23,17 +23,15 @@ for the host; tests/test_kernels_gpu.py runs them on a GPU.
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from emu.cuda import raw_module, require_cupy
-from emu.resources import kernels_dir
+from emu.cuda import raw_module, require_cupy, torch_stream
+from emu.diffusion.philox import check_uint64
 
 KERNEL_SOURCE = "ddpm.cu"
-KERNEL_HEADERS = ("philox.cuh", "ddpm.cuh")
 THREADS_PER_BLOCK = 256
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 _DEVICE_TYPE = "cuda"  # where the tensors must live (the host-build tests of tests/test_kernels.py set "cpu")
@@ -56,7 +54,7 @@ def fused_ddpm_step(noisy: torch.Tensor, predicted_noise: torch.Tensor, reciproc
             the inputs); None allocates it.
     """
     dtype, count, per_sample = _check_sample("noisy", noisy)
-    seed, offset = _check_uint64("seed", seed), _check_uint64("offset", offset)
+    seed, offset = check_uint64("seed", seed), check_uint64("offset", offset)
     arrays = [_operand("predicted_noise", predicted_noise, noisy)]
     if noise is not None:
         arrays.append(_operand("noise", noise, noisy))
@@ -90,7 +88,7 @@ def fused_add_noise(clean: torch.Tensor, signal_scale: torch.Tensor, noise_scale
         noise_out: where to write the drawn z (noise=None only); None allocates it.
     """
     dtype, count, per_sample = _check_sample("clean", clean)
-    seed, offset = _check_uint64("seed", seed), _check_uint64("offset", offset)
+    seed, offset = check_uint64("seed", seed), check_uint64("offset", offset)
     scales = [_coefficient("signal_scale", signal_scale, clean), _coefficient("noise_scale", noise_scale, clean)]
     out = _output("out", out, clean)
     if noise is None:
@@ -140,7 +138,7 @@ def fused_philox_normal(shape: tuple[int, ...], seed: int, offset: int = 0, *, d
         if not out.is_contiguous():
             raise ValueError("out must be C-contiguous")
         dtype = out.dtype
-    seed, offset = _check_uint64("seed", seed), _check_uint64("offset", offset)
+    seed, offset = check_uint64("seed", seed), check_uint64("offset", offset)
     count = out.numel()
     if count:
         _launch(f"philox_normal_{_SUFFIXES[dtype]}", count, out, _u64(count), _u64(seed), _u64(offset))
@@ -169,46 +167,16 @@ def _run_kernel(name: str, device: torch.device, blocks: int, params: tuple) -> 
     on the CPU.)
     """
     cupy = require_cupy()
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), _cupy_stream(stream.device.index, stream.cuda_stream, stream):
+    with cupy.cuda.Device(device.index), torch_stream(torch.cuda.current_stream(device)):
         _kernel(name, device.index)((blocks,), (THREADS_PER_BLOCK,), params)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, device_index: int) -> Any:
     # Looked up once per device, inside that device's context (CuPy loads modules per device).
-    return raw_module(KERNEL_SOURCE, _header_digest_option()).get_function(name)
+    return raw_module(KERNEL_SOURCE).get_function(name)
 
 
-@functools.lru_cache(maxsize=None)
-def _header_digest_option() -> tuple[str, ...]:
-    """-DEMU_DDPM_HEADERS=<sha256 of the headers ddpm.cu includes>.
-
-    CuPy's on-disk cache keys a binary by the source text and the options, not by the headers the
-    source includes; naming the headers' digest in the options recompiles whenever they change.
-    """
-    digest = hashlib.sha256()
-    for header in KERNEL_HEADERS:
-        digest.update((kernels_dir() / header).read_bytes())
-    return (f"-DEMU_DDPM_HEADERS={digest.hexdigest()[:16]}",)
-
-
-_STREAMS: dict[tuple[int, int], Any] = {}
-
-
-def _cupy_stream(device_index: int, pointer: int, stream: torch.cuda.Stream) -> Any:
-    """CuPy's view of torch's stream (cached per stream): kernels launched in it run after torch's queued work."""
-    key = (device_index, pointer)
-    if key not in _STREAMS:
-        cupy = require_cupy()
-        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-            _STREAMS[key] = cupy.cuda.Stream.from_external(stream)  # CuPy >= 14
-        else:
-            _STREAMS[key] = cupy.cuda.ExternalStream(pointer, device_index)
-    return _STREAMS[key]
-
-
-# -- checks ------------------------------------------------------------------------------------------
 def _check_sample(name: str, tensor: Any) -> tuple[torch.dtype, int, int]:
     """(dtype, element count, elements per sample) of a (batch, ...) float CUDA tensor."""
     if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _SUFFIXES or tensor.ndim < 1:
@@ -251,12 +219,6 @@ def _coefficient(name: str, values: Any, like: torch.Tensor) -> torch.Tensor:
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"{name} must hold one value per sample, shape ({batch},) or ({batch}, 1, ..., 1), got {got}")
     return values.reshape(batch).to(device=like.device, dtype=like.dtype).contiguous()
-
-
-def _check_uint64(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**64:
-        raise ValueError(f"{name} must be an integer in [0, 2**64 - 1], got {value!r}")
-    return int(value)
 
 
 def _u64(value: int) -> np.uint64:

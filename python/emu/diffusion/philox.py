@@ -67,7 +67,7 @@ def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
 def philox_counters(num_groups: int, offset: int) -> np.ndarray:
     """The counters (num_groups, 4) of groups 0..num_groups-1 at call `offset` (see the module docstring)."""
     groups = np.arange(num_groups, dtype=np.uint64)
-    offset = _check_uint64("offset", offset)
+    offset = check_uint64("offset", offset)
     counter = np.empty((num_groups, 4), dtype=np.uint32)
     counter[:, 0] = groups & _MASK32
     counter[:, 1] = groups >> np.uint64(32)
@@ -78,7 +78,7 @@ def philox_counters(num_groups: int, offset: int) -> np.ndarray:
 
 def philox_key(seed: int) -> np.ndarray:
     """The key (2,) of a 64-bit seed: (low word, high word)."""
-    seed = _check_uint64("seed", seed)
+    seed = check_uint64("seed", seed)
     return np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint32)
 
 
@@ -112,7 +112,8 @@ def philox_normal(shape: tuple[int, ...], seed: int, offset: int = 0, dtype=np.f
     return normals.astype(dtype).reshape(shape)
 
 
-def _check_uint64(name: str, value: int) -> int:
+def check_uint64(name: str, value: int) -> int:
+    """`value` as an int when it is an integer in [0, 2**64 - 1] (a Philox seed or offset), else ValueError."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**64:
         raise ValueError(f"{name} must be an integer in [0, 2**64 - 1], got {value!r}")
     return int(value)

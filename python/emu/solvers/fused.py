@@ -42,7 +42,6 @@ import numpy as np
 from emu.solvers.time_stepping import AdamsBashforth3, CrankNicolsonRK4, StepperState
 
 KERNEL_SOURCE = "spectral.cu"
-KERNEL_HEADERS = ("spectral.cuh", "emu_common.cuh")
 THREADS_PER_BLOCK = 256
 
 
@@ -87,7 +86,7 @@ class CupyRuntime:
         self._fft = cufft
         self.real = np.float32 if dtype == "float32" else np.float64
         self._suffix = "f32" if dtype == "float32" else "f64"
-        self._module = raw_module(KERNEL_SOURCE, (f"-DEMU_HEADERS_DIGEST={headers_digest()}",))
+        self._module = raw_module(KERNEL_SOURCE)
         self._functions: dict[str, Any] = {}
         sm_count = self.cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._max_blocks = 32 * sm_count
@@ -104,20 +103,6 @@ class CupyRuntime:
 
     def irfft2_unscaled(self, field_hat, shape):
         return self._fft.irfftn(field_hat, s=shape, axes=(-2, -1), norm="forward", overwrite_x=True)
-
-
-def headers_digest() -> str:
-    """A digest of the headers kernels/spectral.cu includes. CuPy's on-disk cache keys a binary by the
-    main source and the options only, so a header edit would reuse a stale binary; passing the digest
-    as a -D option puts the headers into the key."""
-    import hashlib
-
-    from emu.resources import kernels_dir
-
-    digest = hashlib.sha256()
-    for name in KERNEL_HEADERS:
-        digest.update((kernels_dir() / name).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
