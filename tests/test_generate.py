@@ -412,14 +412,17 @@ def test_cli_generate_info_validate(tmp_path):
                   "--grid", 64, "--downsample", 32, "--out", out, "--spinup", "0.1", "--no-progress")
     assert result.exit_code == 0, result.output
     files = _dataset_files(out)
-    assert [f.name for f in files] == ["train_shard00000-of-00001.hdf5", "test_shard00000-of-00001.hdf5"]
-    assert read_trajectories(files[0]).shape == (5, 5, 1, 32, 32)  # 6 x (0.9, 0.05, 0.05) -> 5, 0, 1
+    assert [f.name for f in files] == ["train_shard00000-of-00001.hdf5", "valid_shard00000-of-00001.hdf5",
+                                       "test_shard00000-of-00001.hdf5"]
+    # 6 x (0.9, 0.05, 0.05) -> 4, 1, 1: every split with a fraction > 0 gets one (5, 0, 1 before)
+    assert read_trajectories(files[0]).shape == (4, 5, 1, 32, 32)
     assert read_trajectories(files[1]).shape == (1, 5, 1, 32, 32)
+    assert read_trajectories(files[2]).shape == (1, 5, 1, 32, 32)
     assert "6 trajectories x 5 snapshots" in result.output and str(files[0]) in result.output
 
     info = _cli("data", "info", out)
     assert info.exit_code == 0, info.output
-    assert "5/5 trajectories x 5 snapshots" in info.output and "1/1 trajectories" in info.output
+    assert "4/4 trajectories x 5 snapshots" in info.output and "1/1 trajectories" in info.output
     assert "channels: vorticity" in info.output and "train statistics vorticity: mean" in info.output
     validate = _cli("data", "validate", out)
     assert validate.exit_code == 0 and "OK" in validate.output, validate.output

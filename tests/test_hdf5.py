@@ -155,12 +155,17 @@ def test_float32_output(tmp_path):
 
 
 def test_reading_a_file_that_is_not_an_emu_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such emu file"):
+    from emu.errors import UserError
+
+    with pytest.raises(FileNotFoundError, match="no such emu run file"):
         read_run(tmp_path / "missing.h5")
     with h5py.File(tmp_path / "other.h5", "w") as handle:
         handle["x"] = np.zeros(3)
-    with pytest.raises(ValueError, match="not an emu run file"):
+    with pytest.raises(UserError, match="not an emu run file"):
         read_run(tmp_path / "other.h5")
+    (tmp_path / "notes.h5").write_text("not HDF5 at all\n")
+    with pytest.raises(UserError, match="notes.h5: not a readable emu run file .no HDF5 signature"):
+        load_restart(tmp_path / "notes.h5")
 
 
 # -- atomic writes --------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
     assert "torch==2.13.0" in ci and "README.md" in ci
 
 
+def test_readme_says_how_to_get_the_cpu_torch_before_the_first_command():
+    readme = (ROOT / "README.md").read_text()
+    hint = readme.find("pip install torch==2.13.0")
+    assert hint != -1 and hint < readme.index("\npip install -e . && python -m emu.cli simulate\n")
+
+
 def test_every_cli_command_is_in_the_readme():
     from emu.cli import main
 

@@ -130,10 +130,10 @@ CASES = [
          ["--dtype", "float16"], ["dtype must be one of", "float32", "float64", "float16"],
          cli_fragments=["Invalid value for '--dtype'", "'float16' is not one of"]),
     Case("cuda-without-gpu", lambda t: _run(t, backend="torch", device="cuda"), BackendUnavailable,
-         ["--backend", "torch", "--device", "cuda"], ["device 'cuda'", "no CUDA GPU", "--device cpu"],
+         ["--backend", "torch", "--device", "cuda"], ["--device cuda", "no CUDA device", "--device cpu"],
          marks=[pytest.mark.skipif(_torch_has_cuda(), reason="this machine has a CUDA GPU")]),
     Case("torch-unknown-device", lambda t: _run(t, backend="torch", device="tpu"), ValueError,
-         ["--backend", "torch", "--device", "tpu"], ["device must be 'cpu' or 'cuda[:N]'", "'tpu'"]),
+         ["--backend", "torch", "--device", "tpu"], ["device must be 'cpu', 'cuda' or 'cuda:N'", "'tpu'"]),
     Case("numpy-on-cuda", lambda t: _run(t, device="cuda"), ValueError,
          ["--backend", "numpy", "--device", "cuda"], ["device: the numpy backend runs on 'cpu' only", "'cuda'"]),
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -67,41 +68,137 @@ def tune_allocator() -> bool:
     return True
 
 
+_CPU_THREADS = {"count": 1}
+
+
+def set_cpu_threads(count: int) -> None:
+    """Threads each CPU thread pool of this process may use (FFTW's and torch's): 1 by default.
+
+    Measured on 2 shared cores: with two threads per pool a solver step or a training batch ran 3-30x
+    slower whenever the other core was busy (another job, a second thread pool), while one thread per
+    process is never much slower than the best case. `--threads N` opts in to more. Sets
+    OMP_NUM_THREADS too, so torch imported later (and DataLoader workers) start with `count`.
+    """
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"threads must be an integer >= 1, got {count!r}")
+    _CPU_THREADS["count"] = count
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    _FFTW.clear()  # plans are built for a thread count: rebuild them with the new one
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+
+
+def cpu_threads() -> int:
+    """The thread count of `set_cpu_threads` (EMU_FFTW_THREADS still overrides it for FFTW)."""
+    return _CPU_THREADS["count"]
+
+
+def fftw_wisdom_path() -> Path | None:
+    """Where FFTW_MEASURE plans are remembered between processes (EMU_FFTW_WISDOM; "off" disables):
+    by default ~/.cache/emu/fftw-wisdom (or under XDG_CACHE_HOME)."""
+    setting = os.environ.get("EMU_FFTW_WISDOM", "")
+    if setting.lower() in ("off", "0", "none"):
+        return None
+    if setting:
+        return Path(setting)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "emu" / "fftw-wisdom"
+
+
+def export_fftw_wisdom() -> str:
+    """Every plan this process knows, as text (FFTW's own wisdom format, double/single/long double
+    joined by a form feed): stored in each run file, so `--init` continues with the same plans."""
+    try:
+        import pyfftw
+    except ImportError:
+        return ""
+    return "\f".join(part.decode("ascii") for part in pyfftw.export_wisdom())
+
+
+def import_fftw_wisdom(text: str) -> None:
+    """Makes the plans in `text` (from `export_fftw_wisdom`) the ones FFTW_MEASURE planning picks."""
+    if not text:
+        return
+    import pyfftw
+
+    parts = tuple(part.encode("ascii") for part in text.split("\f"))
+    if len(parts) == 3:
+        pyfftw.import_wisdom(parts)
+
+
 class FFTWPlans:
     """Cache of pyFFTW plans for the 2D real transform pair over the last two axes.
 
-    A plan is built once per (direction, shape, dtype), with `FFTW_MEASURE` by default (set
-    EMU_FFTW_PLANNER=FFTW_ESTIMATE for quicker, slower plans; MEASURE plans can differ between
-    processes at round-off level, each plan itself is deterministic). Results are fresh arrays that
+    A plan is built once per (direction, shape, dtype). Planning is `FFTW_MEASURE` (it times
+    candidate algorithms: 1.05-1.4x faster steps than FFTW_ESTIMATE here) made reproducible by wisdom:
+    FFTW_MEASURE alone may pick another algorithm in each process, which changes results at round-off
+    and chaos grows that (two runs of one command differed by 1e-9 after 2740 steps). So the first
+    process on a machine that needs a plan measures it under a file lock and saves FFTW's wisdom to
+    `fftw_wisdom_path()`; every later process (and a run continued with `--init`, which also imports
+    the wisdom stored in its file) plans from that wisdom and gets the same algorithm, bit for bit.
+    EMU_FFTW_PLANNER=FFTW_ESTIMATE plans without measuring (same plan in every process, slower);
+    EMU_FFTW_WISDOM=off measures per process (fast, not reproducible). Results are fresh arrays that
     never alias the plan's buffers.
     """
 
     # Transforms smaller than this many complex outputs run on one thread: below it, waking threads
-    # costs more than it saves (64^2 grids); above it, two threads halve the time on 2 cores.
+    # costs more than it saves (64^2 grids); above it, two threads halve the time on 2 idle cores.
     threading_threshold = 2**15
 
     def __init__(self, threads: int | None = None, planner: str | None = None):
         import pyfftw
 
         self._pyfftw = pyfftw
-        self.threads = threads or int(os.environ.get("EMU_FFTW_THREADS", 0)) or len(os.sched_getaffinity(0))
+        self.threads = threads or int(os.environ.get("EMU_FFTW_THREADS", 0)) or cpu_threads()
         self.planner = planner or os.environ.get("EMU_FFTW_PLANNER", "FFTW_MEASURE")
         self._plans: dict = {}
+
+    def _build(self, direction: str, shape: tuple, dtype, physical_shape: tuple[int, int]):
+        builders = self._pyfftw.builders
+        template = self._pyfftw.empty_aligned(shape, dtype=dtype)
+        spectral_size = int(np.prod(shape[:-1])) * (physical_shape[-1] // 2 + 1)
+        threads = self.threads if spectral_size >= self.threading_threshold else 1
+        if direction == "forward":
+            return builders.rfftn(template, axes=(-2, -1), threads=threads, planner_effort=self.planner)
+        return builders.irfftn(template, s=physical_shape, axes=(-2, -1), threads=threads,
+                               planner_effort=self.planner)
 
     def _plan(self, direction: str, shape: tuple, dtype, physical_shape: tuple[int, int]):
         key = (direction, shape, np.dtype(dtype).str, physical_shape)
         plan = self._plans.get(key)
         if plan is None:
-            builders = self._pyfftw.builders
-            template = self._pyfftw.empty_aligned(shape, dtype=dtype)
-            spectral_size = int(np.prod(shape[:-1])) * (physical_shape[-1] // 2 + 1)
-            threads = self.threads if spectral_size >= self.threading_threshold else 1
-            if direction == "forward":
-                plan = builders.rfftn(template, axes=(-2, -1), threads=threads, planner_effort=self.planner)
+            wisdom = fftw_wisdom_path() if self.planner != "FFTW_ESTIMATE" else None
+            if wisdom is None:
+                plan = self._build(direction, shape, dtype, physical_shape)
             else:
-                plan = builders.irfftn(template, s=physical_shape, axes=(-2, -1), threads=threads,
-                                       planner_effort=self.planner)
+                plan = self._build_with_wisdom(wisdom, direction, shape, dtype, physical_shape)
             self._plans[key] = plan
+        return plan
+
+    def _build_with_wisdom(self, wisdom: Path, *args):
+        """Plans under an exclusive lock on the wisdom file: read what other processes measured, plan
+        (from it, or by measuring), save the union atomically. Concurrent first runs (shards starting
+        together) thus measure once and agree."""
+        import fcntl
+
+        from emu.data.atomic import write_text_atomically
+
+        try:
+            wisdom.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(wisdom.with_name(wisdom.name + ".lock"), "a")
+        except OSError:  # a read-only home: plan without sharing (still exact within this process)
+            return self._build(*args)
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if wisdom.exists():
+                import_fftw_wisdom(wisdom.read_text())
+            plan = self._build(*args)
+            try:
+                write_text_atomically(wisdom, export_fftw_wisdom())
+            except OSError:
+                pass
         return plan
 
     @staticmethod
@@ -129,11 +226,11 @@ _FFTW: dict[str, FFTWPlans] = {}
 def fftw_plans(owner: str = "numpy", reproducible: bool = False) -> FFTWPlans | None:
     """The process-wide FFTW plan cache of a backend, or None when pyFFTW is not installed.
 
-    The numpy backend's plans use every core for large transforms; the torch backend's use one
-    thread, because torch's own OpenMP threads spin while FFTW's run and two thread pools
-    oversubscribe the cores (measured: 10x slower steps at 256^2 on 2 cores). `reproducible` plans
-    use FFTW_ESTIMATE, which picks the same algorithm in every process (FFTW_MEASURE times
-    candidates and may pick differently, changing results at round-off, which chaos then grows).
+    The numpy backend's plans use `cpu_threads()` threads for large transforms (1 unless
+    `--threads`); the torch backend's use one thread, because torch's own OpenMP threads spin while
+    FFTW's run and two thread pools oversubscribe the cores (measured: 10x slower steps at 256^2 on
+    2 cores). `reproducible` plans use FFTW_ESTIMATE, which picks the same algorithm in every process
+    and on every machine of one kind without any shared wisdom (data generation shards use it).
     """
     key = f"{owner}{'-reproducible' if reproducible else ''}"
     if key not in _FFTW:
@@ -275,6 +372,36 @@ def _cupy_backend(device: str | None, dtype: str) -> ArrayBackend:
     return ArrayBackend("cupy", f"cuda:{index}", dtype, xp, None, fused_kernels=fused)
 
 
+def torch_device(device: str | None):
+    """The torch.device named by `--device` ("cpu", "cuda" or "cuda:N"; None: cuda when torch sees a
+    GPU, else cpu).
+
+    Checked before any data is read or model built, because torch itself only fails at the first
+    `.to(device)` with an assertion about how it was compiled, which names neither the option nor
+    the way out. Raises ValueError for a malformed name or a GPU index past the last one, and
+    BackendUnavailable for CUDA on a machine or torch build without it.
+    """
+    import re
+
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device).strip()
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise BackendUnavailable(f"--device {text}: no CUDA device on this machine (torch {torch.__version__}, "
+                                     f"{build}); use --device cpu")
+        count = torch.cuda.device_count()
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= count:
+            raise ValueError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return torch.device(text)
+
+
 def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "float64",
                 reproducible: bool = False) -> ArrayBackend:
     """Returns the array backend `name` on `device` in precision `dtype`.
@@ -301,14 +428,7 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         import array_api_compat.torch as xp
         import torch
 
-        device = device or "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable(
-                f"device {device!r}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
-                "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu"
-            )
-        if not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        device = str(torch_device(device or "cpu"))
         # On the CPU, torch's own complex-to-real FFT is several times slower than planned FFTW;
         # CPU tensors go through FFTW (zero-copy numpy views) when pyFFTW is installed.
         use_fftw = device == "cpu" and os.environ.get("EMU_FFT", "fftw") != "numpy"

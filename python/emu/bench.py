@@ -17,11 +17,13 @@ Peers, when available on this machine:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from typing import Callable
 
 from emu.backends import BackendUnavailable, get_backend
+from emu.errors import UserError
 from emu.solvers import make_stepper
 from emu.systems import make_config, make_equation
 
@@ -151,6 +153,9 @@ def run_benchmarks(*, system: str, preset: str | None, backends: list[str], grid
                    echo: Callable[[str], None] = print) -> list[dict]:
     """Runs every (backend, grid) pair and the peer for `system`; prints a table; returns the rows."""
     preset_name = make_config(system, preset).preset
+    if pyqg_python is not None and not (os.path.isfile(pyqg_python) and os.access(pyqg_python, os.X_OK)):
+        raise UserError(f"--pyqg-python {pyqg_python}: no such executable; give the python of an environment "
+                        "with pyqg 0.7.2 (see scripts/pyqg_reference.py)")
     if "julia" in backends:  # fail before any timing when Julia cannot start (and start it before torch)
         from emu.julia import start
 

@@ -147,7 +147,9 @@ def run_ddpm_benchmarks(*, batches: list[int] | tuple[int, ...] = DEFAULT_BATCHE
     for name, values in (("batch", batches), ("grid", [grid])):
         if not values or any(not isinstance(v, int) or v < 1 for v in values):
             raise ValueError(f"{name} must be positive integers, got {values!r}")
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from emu.backends import torch_device as resolve_device
+
+    torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     label = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
     bandwidth = copy_bandwidth(torch_device, min(seconds, 1.0))

@@ -67,9 +67,26 @@ class _StopOnSignal:
         self.previous = {}
 
 
+def _set_threads(ctx, param, value):
+    from emu.backends import set_cpu_threads
+
+    if value is not None:
+        if value < 1:
+            raise click.BadParameter(f"must be an integer >= 1, got {value}", ctx=ctx, param=param)
+        set_cpu_threads(value)
+    return value
+
+
+threads_option = click.option(
+    "--threads", type=int, default=1, show_default=True, expose_value=False, callback=_set_threads, is_eager=True,
+    help="CPU threads per thread pool (FFTW, torch). One thread per process is robust on shared cores "
+         "(two lost 3-30x whenever the other core was busy); raise it on an idle machine.")
+
+
 def solver_options(command):
-    """The options every solver-running command shares: system, preset, backend, device, dtype."""
+    """The options every solver-running command shares: system, preset, backend, device, dtype, threads."""
     options = [
+        threads_option,
         click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="kolmogorov", show_default=True),
         click.option("--preset", default=None, help="kolmogorov: re1000 (default), re5000, re10000; qg: eddy (default), jet."),
         click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True),
@@ -81,10 +98,32 @@ def solver_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The top-level group: the one place where errors a user can cause become one line.
+
+    Any `emu.errors.user_error_types()` exception raised by any command (files, formats, devices,
+    checkpoints, parameters) is printed as `Error: MESSAGE` with exit code 1; `--debug` (or
+    EMU_DEBUG=1) re-raises it with its traceback. Other exceptions are bugs and keep their traceback.
+    """
+
+    def invoke(self, ctx):
+        from emu.errors import one_line, user_error_types
+
+        try:
+            return super().invoke(ctx)
+        except user_error_types() as error:
+            if ctx.meta.get("emu.debug") or os.environ.get("EMU_DEBUG", "") not in ("", "0"):
+                raise
+            raise click.ClickException(one_line(error) + "  (--debug for the traceback)") from error
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="emu")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+@click.pass_context
+def main(ctx, debug):
     """emu: pseudospectral ground truth, neural emulators and diffusion stabilisers for 2D chaos."""
+    ctx.meta["emu.debug"] = debug
 
 
 @main.command()
@@ -97,15 +136,19 @@ def main():
 @click.option("--batch", type=int, default=1, show_default=True, help="Ensemble members run together.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initial condition.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="HDF5 output. [default: SYSTEM.h5]")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of the final state. [default: SYSTEM.png]")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of the final state. [default: OUT with .png]")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG.")
 @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Continue from the last snapshot of an earlier emu file (its config is used).")
-@click.option("--perturb", type=float, default=0.0, show_default=True, help="Relative noise added to an --init state.")
+              help="Continue from the last snapshot of an earlier emu file (its config is used), also from the "
+                   "temporary file of a killed run.")
+@click.option("--perturb", type=float, default=None, help="Relative noise added to an --init state. [default: 0]")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="Any other config field, e.g. --set viscosity=2e-4.")
+@click.option("--restart-every", "restart_interval", type=float, default=10.0, show_default=True,
+              help="Wall seconds between restart states saved during the run: a killed run loses at most this.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_every, downsample, batch, seed, out,
-             plot, no_plot, init, perturb, settings, progress):
+@click.pass_context
+def simulate(ctx, system, preset, backend, device, dtype, grid_size, steps, dt, save_every, downsample, batch, seed, out,
+             plot, no_plot, init, perturb, settings, restart_interval, progress):
     """Run a pseudospectral solver and write snapshots to HDF5 (plus a PNG).
 
     \b
@@ -113,31 +156,50 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
     python -m emu.cli simulate --system qg --preset eddy --backend torch --grid 64 --steps 2000 --out q.h5
     python -m emu.cli simulate --init q.h5 --steps 2000 --out q2.h5     # continue exactly
     """
+    from pathlib import Path
+
+    from emu.data.files import check_writable
     from emu.data.hdf5 import load_restart
     from emu.runs import simulate as run_simulation
     from emu.solvers import BlowUpError
     from emu.systems import config_from_dict, make_config
 
+    given = {name for name in ("system", "preset", "seed")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    overrides = _parse_settings(settings)
+    if perturb is not None and not perturb >= 0:
+        raise ConfigError(f"perturb must be >= 0 (relative noise on the --init state), got {perturb!r}")
+    if init is not None:
+        config, _ = load_restart(init)
+        if "system" in given and system != config.system:
+            raise ConfigError(f"--system {system}: {init} holds a {config.system} run, and --init continues it; "
+                              f"drop --system (or start a new {system} run without --init)")
+        if "preset" in given and preset != config.preset:
+            raise ConfigError(f"--preset {preset}: {init} was run with preset {config.preset}, and --init keeps its "
+                              "config; drop --preset, or change single fields with --set NAME=VALUE")
+        system = config.system
+        changes = {k: v for k, v in dict(overrides, dt=dt).items() if v is not None}
+        if grid_size is not None and grid_size != config.grid_size:
+            raise ConfigError(f"grid: {init} was run on a {config.grid_size}^2 grid; --init continues on that grid")
+        if changes:
+            config = config_from_dict({**config.to_dict(), **changes})  # validates names and values
+    else:
+        if perturb is not None:
+            raise ConfigError("--perturb perturbs the state of an --init file; give --init FILE, or drop --perturb "
+                              "(a new run starts from a random field of --seed)")
+        config = make_config(system, preset, grid_size=grid_size, dt=dt, **overrides)
+    steps = DEFAULT_STEPS[system] if steps is None else steps
+    save_every = max(1, steps // 100) if save_every is None else save_every
+    out = out or f"{system}.h5"
+    plot_path = None if no_plot else (plot or str(Path(out).with_suffix(".png")))
+    if plot_path is not None:
+        check_writable(plot_path, "--plot")  # now, not after the whole run
     stop = _StopOnSignal().install()
     try:
-        overrides = _parse_settings(settings)
-        if init is not None:
-            config, _ = load_restart(init)
-            system = config.system
-            changes = {k: v for k, v in dict(overrides, dt=dt).items() if v is not None}
-            if grid_size is not None and grid_size != config.grid_size:
-                raise ConfigError(f"grid: {init} was run on a {config.grid_size}^2 grid; --init continues on that grid")
-            if changes:
-                config = config_from_dict({**config.to_dict(), **changes})  # validates names and values
-        else:
-            config = make_config(system, preset, grid_size=grid_size, dt=dt, **overrides)
-        steps = DEFAULT_STEPS[system] if steps is None else steps
-        save_every = max(1, steps // 100) if save_every is None else save_every
-        out = out or f"{system}.h5"
-        plot_path = None if no_plot else (plot or f"{system}.png")
         result = run_simulation(config, out=out, backend=backend, device=device, dtype=dtype, steps=steps,
                                 save_every=save_every, downsample=downsample, batch=batch, seed=seed, init=init,
-                                perturb=perturb, progress=progress, stop=stop)
+                                perturb=perturb or 0.0, progress=progress, stop=stop,
+                                restart_interval=restart_interval, echo=lambda line: click.echo(line, err=True))
     except BlowUpError as error:
         click.echo(f"error: {error}", err=True)
         click.echo(f"the snapshots up to the last good one are saved in {out} (status blew_up)", err=True)
@@ -146,8 +208,6 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
         click.echo(f"\ninterrupted: the snapshots so far are saved in {out} (status interrupted); "
                    f"continue with --init {out}", err=True)
         sys.exit(130)
-    except (ConfigError, ValueError, BackendUnavailable, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
     finally:
         stop.restore()
     if plot_path is not None:
@@ -162,6 +222,7 @@ def simulate(system, preset, backend, device, dtype, grid_size, steps, dt, save_
 
 
 @main.command()
+@threads_option
 @click.option("--system", type=click.Choice(tuple(SYSTEMS)), default="qg", show_default=True)
 @click.option("--preset", default=None)
 @click.option("--backend", "backends", default="numpy,torch", show_default=True, help="Comma-separated backends.")
@@ -192,31 +253,28 @@ def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_py
     python -m emu.cli bench --emulator unet:small,drn:small --grid 32,64 --batch 8
     python -m emu.cli bench --ddpm --device cuda
     """
-    try:
-        if ddpm:
-            from emu.bench_ddpm import DEFAULT_BATCHES, run_ddpm_benchmarks
+    if ddpm:
+        from emu.bench_ddpm import DEFAULT_BATCHES, run_ddpm_benchmarks
 
-            dtype_given = click.get_current_context().get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT
-            for grid in _int_list(grids or "64", "grid"):
-                run_ddpm_benchmarks(batches=[batch] if batch else list(DEFAULT_BATCHES), grid=grid,
-                                    dtype=dtype if dtype_given else "float32", device=device, seconds=seconds,
-                                    echo=click.echo)
-            return
-        if emulators:
-            from emu.training.throughput import parse_emulator_specs, run_emulator_benchmarks
+        dtype_given = click.get_current_context().get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT
+        for grid in _int_list(grids or "64", "grid"):
+            run_ddpm_benchmarks(batches=[batch] if batch else list(DEFAULT_BATCHES), grid=grid,
+                                dtype=dtype if dtype_given else "float32", device=device, seconds=seconds,
+                                echo=click.echo)
+        return
+    if emulators:
+        from emu.training.throughput import parse_emulator_specs, run_emulator_benchmarks
 
-            run_emulator_benchmarks(parse_emulator_specs(emulators), grids=_int_list(grids or "64", "grid"),
-                                    channels=channels or (1 if system == "kolmogorov" else 2), batch=batch or 8,
-                                    unroll=unroll, seconds=seconds, device=device, amp=amp, compile=compile_network,
-                                    echo=click.echo)
-            return
-        from emu.bench import run_benchmarks
+        run_emulator_benchmarks(parse_emulator_specs(emulators), grids=_int_list(grids or "64", "grid"),
+                                channels=channels or (1 if system == "kolmogorov" else 2), batch=batch or 8,
+                                unroll=unroll, seconds=seconds, device=device, amp=amp, compile=compile_network,
+                                echo=click.echo)
+        return
+    from emu.bench import run_benchmarks
 
-        run_benchmarks(system=system, preset=preset, backends=[b for b in backends.split(",") if b],
-                       grids=_int_list(grids or "64,128,256", "grid"), dtype=dtype, batch=batch or 1, seconds=seconds,
-                       peers=peers, pyqg_python=pyqg_python, device=device, echo=click.echo)
-    except (ConfigError, ValueError, BackendUnavailable) as error:
-        raise click.ClickException(str(error)) from error
+    run_benchmarks(system=system, preset=preset, backends=[b for b in backends.split(",") if b],
+                   grids=_int_list(grids or "64,128,256", "grid"), dtype=dtype, batch=batch or 1, seconds=seconds,
+                   peers=peers, pyqg_python=pyqg_python, device=device, echo=click.echo)
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -284,6 +342,13 @@ def generate(system, preset, backend, device, dtype, trajectories, length, inter
                               split=fractions, seed=seed, batch=batch, dtype=dtype)
         from emu.generate import shard_range
 
+        empty = [name for name, fraction in zip(("train", "valid", "test"), plan.split) if fraction > 0
+                 and plan.split_counts[name] == 0]
+        if empty:
+            click.echo(f"warning: --split {split} leaves no trajectory of {trajectories} for {', '.join(empty)}; "
+                       "use more --trajectories (training without a valid split picks best.pt by training loss)",
+                       err=True)
+
         start, stop = shard_range(trajectories, shard, num_shards) if 0 <= shard < num_shards else (0, 0)
         bar = None
         if progress:
@@ -303,8 +368,6 @@ def generate(system, preset, backend, device, dtype, trajectories, length, inter
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: completed trajectories are kept in {out}; rerun the same command to resume", err=True)
         sys.exit(130)
-    except (ConfigError, ValueError, BackendUnavailable) as error:
-        raise click.ClickException(str(error)) from error
     click.echo(f"{system} ({config.preset}): {stop - start} trajectories x {plan.length} snapshots every "
                f"{plan.snapshot_interval:.4g} (spin-up {plan.spinup_steps} steps), {plan.downsample}^2 -> "
                + ", ".join(str(f) for f in files))
@@ -325,16 +388,13 @@ def info(path):
     """
     from emu.data.inspect import describe
 
-    try:
-        click.echo(describe(path))
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise click.ClickException(str(error)) from error
+    click.echo(describe(path))
 
 
 @data.command()
 @click.argument("path", type=click.Path(exists=True))
 def validate(path):
-    """Check shapes, completeness, NaN/inf and the stored statistics; exit 1 on any problem.
+    """Check completeness against emu_dataset.json, shapes, NaN/inf and the stored statistics; exit 1 on any problem.
 
     \b
     python -m emu.cli data validate data/
@@ -351,28 +411,26 @@ def validate(path):
 
 @data.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the merged files.")
-def merge(path, out):
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the merged files; not PATH, not inside it and not containing it.")
+@click.option("--allow-partial", is_flag=True,
+              help="Merge although planned shard files are missing; the merged files record which (validate fails).")
+@click.option("--copy", "copy_fields", is_flag=True,
+              help="Copy the fields instead of linking them (readable through file objects, e.g. the_well's WellDataset).")
+def merge(path, out, allow_partial, copy_fields):
     """Join shard files into one file per split with HDF5 virtual datasets (no copy).
+
+    Every shard file that PATH/emu_dataset.json plans must be there and complete.
 
     \b
     python -m emu.cli data merge data/ --out merged/
     """
-    import shutil
-    from pathlib import Path
-
     from emu.data.well import merge_shards
-    from emu.generate import MANIFEST
 
-    try:
-        files = merge_shards(path, out)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
-    if not files:
-        raise click.ClickException(f"{path}: no finished shard files under data/{{train,valid,test}}/")
-    if (Path(path) / MANIFEST).exists():
-        shutil.copy2(Path(path) / MANIFEST, Path(out) / MANIFEST)
-    click.echo("merged (virtual datasets, no copy): " + ", ".join(str(f) for f in files))
+    files = merge_shards(path, out, allow_partial=allow_partial, copy=copy_fields,
+                         warn=lambda message: click.echo(f"warning: {message}", err=True))
+    kind = "copied" if copy_fields else "virtual datasets, no copy"
+    click.echo(f"merged ({kind}): " + ", ".join(str(f) for f in files))
 
 
 @main.group()
@@ -383,6 +441,7 @@ def train():
 def training_options(*, batch_size: int, lr: float, out: str, max_grad_norm: float | None = None):
     """The options every `train` command shares (optimiser, devices, files), with per-model defaults."""
     options = [
+        threads_option,
         click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True,
                      help="Dataset folder from `generate`."),
         click.option("--epochs", type=int, default=10, show_default=True),
@@ -396,9 +455,13 @@ def training_options(*, batch_size: int, lr: float, out: str, max_grad_norm: flo
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--max-grad-norm", type=float, default=max_grad_norm, show_default=True,
                      help="Clip the global gradient norm to this before each step; 0 turns clipping off."),
-        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
-        click.option("--out", type=click.Path(file_okay=False), default=out, show_default=True),
-        click.option("--resume", is_flag=True, help="Continue from OUT/last.pt."),
+        click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+        click.option("--out", type=click.Path(file_okay=False), default=out, show_default=True,
+                     help="Folder for the checkpoints and metrics; must be new or empty unless --resume or --overwrite."),
+        click.option("--resume", is_flag=True, help="Continue the run in OUT from OUT/last.pt (same settings; a larger "
+                     "--epochs extends it, the cosine schedule then being recomputed over the new total)."),
+        click.option("--overwrite", is_flag=True, help="Delete emu's files in OUT (last.pt, best.pt, metrics.jsonl, "
+                     "loss.png, thermalizer_levels.json) and train anew."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
 
@@ -410,16 +473,18 @@ def training_options(*, batch_size: int, lr: float, out: str, max_grad_norm: flo
     return decorate
 
 
-def _run_training(train_function, config_class, out, resume, progress, **settings):
-    """Builds the config (its validation errors become clean CLI errors), trains, names the outputs."""
+def _run_training(train_function, config_class, out, resume, overwrite, progress, **settings):
+    """Builds the config, trains, names the files that are there (errors are one line: see _Commands)."""
+    from pathlib import Path
+
     if settings.get("max_grad_norm") == 0:
         settings["max_grad_norm"] = None
-    try:
-        config = config_class(**settings)
-        train_function(config, out, resume=resume, progress=progress, echo=click.echo)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"checkpoints: {out}/last.pt, {out}/best.pt; metrics: {out}/metrics.jsonl, {out}/loss.png")
+    config = config_class(**settings)
+    train_function(config, out, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
+    # Only what exists: best.pt is missing when no epoch had a finite validation score.
+    written = [str(Path(out) / name) for name in ("last.pt", "best.pt", "metrics.jsonl", "loss.png")
+               if (Path(out) / name).is_file()]
+    click.echo("wrote " + ", ".join(written))
 
 
 @train.command()
@@ -429,19 +494,23 @@ def _run_training(train_function, config_class, out, resume, progress, **setting
 @click.option("--noise", type=float, default=1e-5, show_default=True, help="Input noise tau (1e-5 DRN, 1e-4 UNet).")
 @training_options(batch_size=32, lr=5e-4, out="run")
 def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weight_decay, schedule, amp, compile_model,
-             workers, seed, max_grad_norm, device, out, resume, progress):
+             workers, seed, max_grad_norm, device, out, resume, overwrite, progress):
     """Train a residual emulator with the unrolled multistep loss (torchrun for several processes).
 
     \b
     python -m emu.cli train emulator --data data/ --arch drn --epochs 1 --unroll 2 --out run/
+    python -m emu.cli train emulator --data data/ --arch drn --epochs 2 --unroll 2 --out run/ --resume   # one more epoch
     torchrun --nproc-per-node 2 -m emu.cli train emulator --data data/ --arch drn --epochs 1 --unroll 2 --out run2/
+
+    Stops with exit code 1 on NaN/inf (in a batch, the loss or the gradients), keeping the
+    checkpoints of the epochs before.
     """
     from emu.training.trainer import TrainingConfig, train_emulator
 
-    _run_training(train_emulator, TrainingConfig, out, resume, progress, data=str(data_dir), arch=arch, preset=preset,
-                  unroll=unroll, noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  schedule=schedule, amp=amp, compile=compile_model, seed=seed, num_workers=workers, device=device,
-                  max_grad_norm=max_grad_norm)
+    _run_training(train_emulator, TrainingConfig, out, resume, overwrite, progress, data=str(data_dir), arch=arch,
+                  preset=preset, unroll=unroll, noise=noise, epochs=epochs, batch_size=batch_size, lr=lr,
+                  weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile_model, seed=seed,
+                  num_workers=workers, device=device, max_grad_norm=max_grad_norm)
 
 
 @train.command()
@@ -451,7 +520,7 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 @click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
 @training_options(batch_size=64, lr=2e-4, out="thermalizer", max_grad_norm=1.0)
 def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epochs, batch_size, lr, weight_decay,
-                schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, progress):
+                schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, overwrite, progress):
     """Train the Thermalizer: a DDPM of single snapshots with a noise-level classifier head (paper eq. 8).
 
     \b
@@ -460,7 +529,7 @@ def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epoc
     """
     from emu.training.thermalizer import ThermalizerTrainingConfig, train_thermalizer
 
-    _run_training(train_thermalizer, ThermalizerTrainingConfig, out, resume, progress, data=str(data_dir),
+    _run_training(train_thermalizer, ThermalizerTrainingConfig, out, resume, overwrite, progress, data=str(data_dir),
                   preset=preset, num_levels=num_levels, classifier_weight=classifier_weight, ema_decay=ema_decay,
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
                   compile=compile_model, seed=seed, num_workers=workers, device=device, max_grad_norm=max_grad_norm)
@@ -472,6 +541,7 @@ def tune():
 
 
 @tune.command("thermalizer")
+@threads_option
 @click.option("--emulator", "emulator_checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--thermalizer", "thermalizer_checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--init", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
@@ -493,15 +563,13 @@ def tune_thermalizer_command(emulator_checkpoint, thermalizer_checkpoint, init, 
     """
     from emu.training.tuning import tune_thermalizer
 
-    try:
-        tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, s_inits=_int_list(s_inits, "s-init"),
-                         s_stops=_int_list(s_stops, "s-stop"), trajectories=trajectories, steps=steps, split=split,
-                         runaway_level=runaway_level, seed=seed, device=device, progress=progress, echo=click.echo)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, s_inits=_int_list(s_inits, "s-init"),
+                     s_stops=_int_list(s_stops, "s-stop"), trajectories=trajectories, steps=steps, split=split,
+                     runaway_level=runaway_level, seed=seed, device=device, progress=progress, echo=click.echo)
 
 
 @main.command()
+@threads_option
 @click.option("--emulator", "checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
 @click.option("--trajectories", type=int, default=4, show_default=True)
@@ -526,16 +594,15 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
 
     \b
     python -m emu.cli rollout --emulator run/last.pt --init data/ --trajectories 1 --steps 20 --out r.h5
-    python -m emu.cli rollout --emulator run/last.pt --thermalizer th/last.pt --s-init 7 --s-stop 4 --init data/ --trajectories 2 --steps 20 --out rt.h5
+    python -m emu.cli rollout --emulator run/last.pt --thermalizer th/last.pt --s-init 7 --s-stop 4 --init data/ --trajectories 1 --steps 20 --out rt.h5
+
+    --split must hold data (no fallback to another split); a damaged or non-plain checkpoint is refused.
     """
     from emu.training.rollouts import rollout_to_file
 
-    try:
-        result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
-                                 divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress,
-                                 thermalizer=thermalizer, s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
+                             divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress,
+                             thermalizer=thermalizer, s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
     mse = result["mse"]
     diverged = [int(d) for d in result["diverged_at"]]
     # A few steps on a log scale: the whole curve is in the file (emu/mse), not on the terminal.

@@ -27,13 +27,16 @@ import numpy as np
 
 from emu.backends import get_backend
 from emu.data.atomic import write_json_atomically
+from emu.memory import check_memory, estimate_memory
 from emu.data.well import SPLITS, create_well_file, finish_file, split_files, write_trajectories, write_well_statistics
+from emu.errors import UserError
 from emu.runs import snapshot_fields
 from emu.solvers import StepperState, check_state, integrate, make_stepper
 from emu.systems import SystemConfig, config_from_dict, make_equation
 from emu.systems.base import ConfigError, require
 
 MANIFEST = "emu_dataset.json"
+PARTIAL_MERGE = "partial_merge"  # manifest key `data merge --allow-partial` adds: the shards it left out
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,27 @@ class GenerationPlan:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
 
     @property
-    def split_ranges(self) -> dict[str, tuple[int, int]]:
-        """Global id range [start, stop) of each split."""
+    def split_counts(self) -> dict[str, int]:
+        """Trajectories of each split: the fractions rounded, but every split with a fraction > 0
+        gets at least one trajectory while there are enough (taken from the largest split), so a
+        small dataset (the README's 6 trajectories at 0.9/0.05/0.05) still has a validation and a
+        test trajectory instead of silently none."""
         n_train = round(self.trajectories * self.split[0])
         n_valid = min(round(self.trajectories * self.split[1]), self.trajectories - n_train)
-        edges = (0, n_train, n_train + n_valid, self.trajectories)
+        counts = [n_train, n_valid, self.trajectories - n_train - n_valid]  # as before: datasets keep their ids
+        wanted = [index for index, fraction in enumerate(self.split) if fraction > 0]
+        for index in wanted:
+            if counts[index] == 0 and self.trajectories >= len(wanted):
+                donor = max(wanted, key=lambda k: counts[k])
+                counts[donor] -= 1
+                counts[index] += 1
+        return dict(zip(SPLITS, counts))
+
+    @property
+    def split_ranges(self) -> dict[str, tuple[int, int]]:
+        """Global id range [start, stop) of each split: train, then valid, then test."""
+        counts = self.split_counts
+        edges = (0, counts["train"], counts["train"] + counts["valid"], self.trajectories)
         return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
 
     @property
@@ -100,6 +119,7 @@ class GenerationPlan:
     def from_manifest(cls, values: dict[str, Any]) -> "GenerationPlan":
         values = dict(values)
         values.pop("num_shards", None)  # the folder's manifest also records how it was sharded
+        values.pop(PARTIAL_MERGE, None)  # and, after `data merge --allow-partial`, what it left out
         values["config"] = config_from_dict(values["config"])
         values["split"] = tuple(values["split"])
         return cls(**values)
@@ -116,6 +136,55 @@ def shard_range(trajectories: int, shard: int, num_shards: int) -> tuple[int, in
 
 def file_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}_shard{shard:05d}-of-{num_shards:05d}.hdf5"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset folder's emu_dataset.json: the plan, how many shards make it, and the raw values."""
+
+    path: Path
+    plan: GenerationPlan
+    num_shards: int
+    values: dict[str, Any]
+
+
+def read_manifest(directory) -> Manifest:
+    """Reads DIR/emu_dataset.json, which says what a complete folder holds (merge and validate check
+    the files against it: a missing shard is otherwise invisible)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; every dataset folder made by `emu generate` has one "
+                                "(it records the plan and the number of shards)")
+    try:
+        values = json.loads(path.read_text())
+        num_shards = values.get("num_shards", 1)
+        require(isinstance(num_shards, int) and num_shards >= 1, "num_shards", "an integer >= 1", num_shards)
+        plan = GenerationPlan.from_manifest(values)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{path}: not a readable dataset manifest ({type(error).__name__}: {error})") from error
+    return Manifest(path, plan, num_shards, values)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of a plan: shard `shard`'s part [first, stop) of the global trajectory ids of `split`."""
+
+    split: str
+    shard: int
+    num_shards: int
+    name: str
+    first: int
+    stop: int
+
+    def describe(self) -> str:
+        return (f"shard {self.shard} of {self.num_shards}, trajectories {self.first}-{self.stop - 1} of split "
+                f"{self.split}; make it with generate --shard {self.shard} --num-shards {self.num_shards}")
+
+
+def planned_files(plan: GenerationPlan, num_shards: int) -> list[PlannedFile]:
+    """Every file `generate` writes for `plan` cut into `num_shards` shards, in shard order."""
+    return [PlannedFile(split, shard, num_shards, file_name(split, shard, num_shards), int(ids[0]), int(ids[-1]) + 1)
+            for shard in range(num_shards) for split, ids in _jobs(plan, shard, num_shards)]
 
 
 def check_manifest(directory: Path, plan: GenerationPlan, num_shards: int = 1) -> None:
@@ -187,6 +256,12 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
     require(isinstance(num_shards, int) and num_shards >= 1, "num_shards", "an integer >= 1", num_shards)
     require(isinstance(shard, int) and 0 <= shard < num_shards, "shard", f"an integer in [0, {num_shards})", shard)
     directory = Path(out)
+    layers = 2 if plan.config.system == "qg" else 1
+    held = plan.batch * plan.length * layers * plan.downsample**2 * 8  # a batch's snapshots before writing
+    check_memory(estimate_memory(grid_size=plan.config.grid_size, layers=layers, batch=plan.batch, dtype=plan.dtype,
+                                 output_size=plan.downsample, extra_bytes=held),
+                 what=f"generating {plan.config.grid_size}^2 {plan.config.system} trajectories in batches of "
+                      f"{plan.batch}", hint="use a smaller --grid, --batch or --length")
     # Reproducible FFT plans: a resumed or sharded run must equal an uninterrupted one bit for bit.
     # The backend comes first: one that cannot run here (julia without Julia) fails before anything is written.
     equation = make_equation(plan.config, get_backend(backend, device=device, dtype=plan.dtype, reproducible=True))
@@ -245,16 +320,21 @@ def generate(plan: GenerationPlan, out, *, shard: int = 0, num_shards: int = 1, 
 
 
 def parse_model_time(text: str, system: str) -> float:
-    """'10' -> 10 model time units; for qg also '200d' (days) or '3y' (360-day years) -> seconds."""
+    """'10' -> 10 model time units (kolmogorov); qg needs a unit: '200d' (days), '3y' (360-day years)
+    or '86400s' -> seconds. A bare number is refused for qg: its time unit is the second, so `--spinup
+    10` would be ten seconds (less than one 3600 s step), which nobody means."""
     text = str(text).strip()
-    factors = {"d": 86400.0, "y": 360 * 86400.0} if system == "qg" else {}
-    if text and text[-1] in factors:
-        return float(text[:-1]) * factors[text[-1]]
+    factors = {"s": 1.0, "d": 86400.0, "y": 360 * 86400.0} if system == "qg" else {}
+    allowed = ("a number with a unit: N d (days), N y (360-day years) or N s (seconds), e.g. 200d or 3y"
+               if factors else "a number of model time units, e.g. 10")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in factors else (text, "")
+    if factors and not unit:
+        raise ConfigError(f"spinup must be {allowed} (qg's time unit is the second), got {text!r}")
     try:
-        return float(text)
+        value = float(number)
     except ValueError:
-        allowed = "a number of model time units" + (", or N d / N y (days, 360-day years)" if factors else "")
         raise ConfigError(f"spinup must be {allowed}, got {text!r}") from None
+    return value * factors.get(unit, 1.0)
 
 
 def spinup_steps(config: SystemConfig, spinup_time: float) -> int:
@@ -263,4 +343,4 @@ def spinup_steps(config: SystemConfig, spinup_time: float) -> int:
 
 
 __all__ = ["GenerationPlan", "generate", "trajectory_seed", "shard_range", "parse_model_time", "spinup_steps",
-           "MANIFEST"]
+           "MANIFEST", "Manifest", "PlannedFile", "planned_files", "read_manifest"]

@@ -9,8 +9,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from emu.backends import get_backend
-from emu.data.hdf5 import RestartState, SnapshotWriter, load_restart
+from emu.backends import export_fftw_wisdom, get_backend, import_fftw_wisdom
+from emu.data.files import check_writable, open_hdf5
+from emu.data.hdf5 import RestartState, SnapshotWriter, load_restart, unfinished_runs
+from emu.memory import check_memory, estimate_memory
 from emu.solvers import BlowUpError, StepperState, check_state, integrate, make_stepper
 from emu.spectral import spectral_truncate
 from emu.systems import make_equation
@@ -50,6 +52,22 @@ def _restart_to_numpy(equation, state: StepperState, step: int, model_time: floa
     return RestartState(to_numpy(state.state_hat).astype(np.complex128), history, state.level, step, model_time)
 
 
+def _free_device_memory(backend) -> int | None:
+    """Free bytes on the GPU of a CUDA backend, or None where it cannot be asked."""
+    try:
+        if backend.name == "cupy":
+            import cupy
+
+            return int(cupy.cuda.runtime.memGetInfo()[0])
+        if backend.name == "torch":
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(backend.device))[0])
+    except Exception:  # a driver that cannot say: the run goes on, as it would without the check
+        return None
+    return None
+
+
 def initial_state(equation, *, batch: int, seed: int, restart: RestartState | None = None,
                   perturb: float = 0.0) -> StepperState:
     """The starting `StepperState`: a fresh random field, or a restart (optionally replicated to
@@ -77,7 +95,8 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
              steps: int = 1000, save_every: int = 10, downsample: int | None = None, batch: int = 1,
              seed: int = 0, init: str | Path | None = None, perturb: float = 0.0,
              progress: bool = True, stepper: str | None = None,
-             output_dtype: str | None = None, stop: Callable[[], Any] | None = None) -> SimulationResult:
+             output_dtype: str | None = None, stop: Callable[[], Any] | None = None,
+             restart_interval: float = 10.0, echo: Callable[[str], None] | None = None) -> SimulationResult:
     """Runs a solver and streams snapshots into the emu file `out`.
 
     Args:
@@ -95,6 +114,10 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
         stop: polled between steps (at each state check, every min(save_every, 100) steps); a truthy
             return (e.g. the name of a signal received) ends the run as a KeyboardInterrupt would, at a
             point where the file and its restart state agree (the CLI's SIGTERM/SIGINT use this).
+        restart_interval: wall seconds between restart states saved while the run goes on (at the
+            next snapshot; the first snapshot always saves one), so a run killed outright (kill -9)
+            leaves a temporary file that `init` continues from, losing at most this long.
+        echo: where notices go (unfinished earlier runs found beside `out`); None prints nothing.
 
     Returns:
         A `SimulationResult`. Raises `BlowUpError` after closing the file with the data so far.
@@ -104,8 +127,11 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
     require(isinstance(batch, int) and batch >= 1, "batch", "an integer >= 1", batch)
     require(perturb >= 0, "perturb", ">= 0", perturb)
     restart = None
+    wisdom = ""
     if init is not None:
         stored_config, restart = load_restart(init)
+        with open_hdf5(init, "emu run file") as handle:
+            wisdom = str(handle.attrs.get("fftw_wisdom", ""))
         if config is None:
             config = stored_config
         elif config.system != stored_config.system or config.grid_size != stored_config.grid_size:
@@ -116,8 +142,31 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
     output_size = config.grid_size if downsample is None else int(downsample)
     require(output_size <= config.grid_size and output_size >= 4 and output_size % 2 == 0, "downsample",
             f"an even grid size between 4 and the solver grid {config.grid_size}", downsample)
+    require(restart_interval >= 0, "restart_interval", ">= 0 seconds", restart_interval)
+    layers_count = 2 if config.system == "qg" else 1
+    estimate = estimate_memory(grid_size=config.grid_size, layers=layers_count, batch=batch, dtype=dtype,
+                               output_size=output_size)
+    if backend in ("numpy", "julia") or (backend == "torch" and (device or "cpu") == "cpu"):
+        check_memory(estimate, what=f"a {config.grid_size}^2 {config.system} run of batch {batch} in {dtype}")
+    check_writable(out, "--out")
+    for earlier in unfinished_runs(out):
+        if echo is None or earlier["alive"] or Path(earlier["temporary"]) == Path(init or ""):
+            continue
+        if earlier["restart_step"] is None:
+            Path(earlier["temporary"]).unlink(missing_ok=True)
+            echo(f"removed {earlier['temporary']}: the temporary file of a killed run of {out} without a restart state")
+        else:
+            echo(f"note: {earlier['temporary']} is the temporary file of a killed run of {out} "
+                 f"({earlier['snapshots']} snapshots, restart state at step {earlier['restart_step']}); "
+                 f"continue it with --init {earlier['temporary']}, or delete it")
 
+    import_fftw_wisdom(wisdom)  # before any plan is built: the continued run uses the same FFT plans
     array_backend = get_backend(backend, device=device, dtype=dtype)
+    if array_backend.device.startswith("cuda"):
+        free = _free_device_memory(array_backend)
+        if free is not None:
+            check_memory(estimate, what=f"a {config.grid_size}^2 {config.system} run of batch {batch} in {dtype}",
+                         available=free, where=f"GPU {array_backend.device}")
     equation = make_equation(config, array_backend)
     time_stepper = make_stepper(equation, config.dt, stepper)
     state = initial_state(equation, batch=batch, seed=seed, restart=restart, perturb=perturb)
@@ -132,6 +181,7 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
     writer = SnapshotWriter(out, config=config, field_names=equation.field_names, field_units=equation.field_units,
                             snapshot_shape=snapshot_shape, dtype=output_dtype or dtype, attrs=attrs)
     last_saved: dict[str, Any] = {}
+    restart_saved = {"at": -float("inf")}
 
     def save(current: StepperState, done: int) -> None:
         step = first_step + done
@@ -141,6 +191,10 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
                       energy=equation.energy(current.state_hat), enstrophy=equation.enstrophy(current.state_hat),
                       cfl=cfl)
         last_saved.update(state=current, step=step, time=model_time, done=done)
+        now = wallclock.perf_counter()
+        if now - restart_saved["at"] >= restart_interval:  # a kill -9 loses at most this much
+            writer.set_restart(_restart_to_numpy(equation, current, step, model_time))
+            restart_saved["at"] = now
 
     bar = None
     started = wallclock.perf_counter()
@@ -172,13 +226,17 @@ def simulate(config=None, *, out, backend: str = "numpy", device: str | None = N
                   "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         if last_saved:
             writer.set_restart(_restart_to_numpy(equation, last_saved["state"], last_saved["step"], last_saved["time"]))
+        writer.file.attrs["fftw_wisdom"] = export_fftw_wisdom()
         writer.close(status, f"{type(error).__name__}: {error}")
         raise
     if bar is not None:
         bar.close()
     wall = wallclock.perf_counter() - started
     writer.set_restart(_restart_to_numpy(equation, state, last_saved["step"], last_saved["time"]))
+    writer.file.attrs["fftw_wisdom"] = export_fftw_wisdom()
     path = writer.close("complete")
+    if init is not None and Path(init).name.startswith(f".{Path(out).name}.") and Path(init).suffix == ".tmp":
+        Path(init).unlink(missing_ok=True)  # a killed run's temporary file, now continued into `out`
     return SimulationResult(path, "complete", steps, writer.count, last_saved["time"], wall,
                             equation.energy(state.state_hat), equation.enstrophy(state.state_hat),
                             equation.cfl(state.state_hat))

@@ -12,14 +12,19 @@ import tempfile
 from pathlib import Path
 
 
-def write_json_atomically(path, values: dict) -> Path:
-    """JSON (indented, sorted keys, trailing newline) to `path` via temp file + rename; returns the path."""
+def write_text_atomically(path, text: str) -> Path:
+    """`text` to `path` via temp file + rename; returns the path."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+            stream.write(text)
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def write_json_atomically(path, values: dict) -> Path:
+    """JSON (indented, sorted keys, trailing newline) to `path` via temp file + rename; returns the path."""
+    return write_text_atomically(path, json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -12,21 +12,30 @@ Schema (one file = one run of one system; arrays C-ordered, x the last axis):
     /diagnostics/cfl      (time,)        float64   Courant number max|u| dt/dx over the batch
     /restart/state_hat    (batch, [layer], n, n//2+1) complex128  full-resolution spectral state of the
                           last snapshot; /restart/<history> the stepper's memory (AB3's previous
-                          tendencies); attrs level, step, time
+                          tendencies); attrs level, step, time. /restart is a soft link to one of
+                          /restart_slots/{0,1} (format_version 2; version 1 files hold the group itself)
     attributes of /: format ("emu-run"), format_version, emu_version, system, config (JSON of the frozen
         config), field_names, field_units (JSON lists), solver_grid_size, grid_size (saved resolution),
-        backend, device, dtype, seed, save_every, stepper, created (UTC ISO 8601), status ("complete",
-        "blew_up", "interrupted", "failed"), message; each dataset has `long_name` and `units`.
+        backend, device, dtype, seed, save_every, stepper, created (UTC ISO 8601), status ("running",
+        then "complete", "blew_up", "interrupted", "failed"), message, writer_pid, writer_host,
+        fftw_wisdom (the FFT plans used, see emu.backends.FFTWPlans); each dataset has `long_name`
+        and `units`.
 
-The file is written under a temporary name in the same folder and renamed over `path` when closed,
-so `path` never holds a half-written file; a run that stops early (blow-up, Ctrl-C, SIGTERM, an
-error) still closes its file with the snapshots written so far and the matching restart state.
+The file is written under a temporary name in the same folder (`.NAME.XXXX.tmp`) and renamed over
+`path` when closed, so `path` never holds a half-written file; a run that stops early (blow-up,
+Ctrl-C, SIGTERM, an error) still closes its file with the snapshots written so far and the matching
+restart state. A run killed outright (kill -9, OOM, power) cannot close its file: the restart state
+is therefore also saved while the run goes on (`SnapshotWriter.set_restart`, each snapshot at most
+every `restart_interval` seconds) into the other of two slots, and the soft link /restart is moved
+to it only once the slot is complete, so the temporary file always holds a consistent restart that
+`--init` continues from (`unfinished_runs` finds such files).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,9 +46,11 @@ import h5py
 import numpy as np
 
 import emu
+from emu.data.files import open_hdf5
+from emu.errors import UserError
 
 FORMAT = "emu-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATUSES = ("complete", "blew_up", "interrupted", "failed")
 
 
@@ -88,6 +99,7 @@ class SnapshotWriter:
         self.file = h5py.File(self.temporary, "w")
         self.count = 0
         self.closed = False
+        self._slot = 1  # the restart slot written last; the first restart goes to slot 0
         snapshot_shape = tuple(int(s) for s in snapshot_shape)
         batch = snapshot_shape[0]
         root = self.file.attrs
@@ -103,6 +115,8 @@ class SnapshotWriter:
         root["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         root["status"] = "running"
         root["message"] = ""
+        root["writer_pid"] = os.getpid()
+        root["writer_host"] = socket.gethostname()
         for key, value in (attrs or {}).items():
             root[key] = value
         fields = self.file.create_dataset(
@@ -142,16 +156,33 @@ class SnapshotWriter:
         self.file.flush()
 
     def set_restart(self, restart: RestartState) -> None:
-        """Stores (or replaces) the state needed to continue the run exactly."""
-        if "restart" in self.file:
-            del self.file["restart"]
-        group = self.file.create_group("restart")
-        group.create_dataset("state_hat", data=restart.state_hat)
-        for name, value in restart.history.items():
-            group.create_dataset(name, data=value)
+        """Stores the state needed to continue the run exactly and flushes it to disk.
+
+        The state goes into the slot not in use (datasets overwritten in place, so the file does not
+        grow), then the soft link /restart is moved to it: a process killed halfway leaves the link
+        on the previous, complete slot."""
+        slot = 1 - self._slot
+        group = self.file.require_group("restart_slots").require_group(str(slot))
+        arrays = {"state_hat": restart.state_hat, **restart.history}
+        for name in set(group) - set(arrays):
+            del group[name]
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            if name in group and group[name].shape == value.shape and group[name].dtype == value.dtype:
+                group[name][...] = value
+            else:
+                if name in group:
+                    del group[name]
+                group.create_dataset(name, data=value)
         group.attrs["level"] = int(restart.level)
         group.attrs["step"] = int(restart.step)
         group.attrs["time"] = float(restart.time)
+        self.file.flush()  # the slot's data and attributes reach the file before the link moves
+        if "restart" in self.file:
+            del self.file["restart"]  # removes the link only
+        self.file["restart"] = h5py.SoftLink(f"/restart_slots/{slot}")
+        self.file.flush()
+        self._slot = slot
 
     def close(self, status: str = "complete", message: str = "") -> Path:
         """Finishes the file and renames it onto `path` atomically; returns `path`."""
@@ -190,14 +221,47 @@ class SnapshotWriter:
 
 
 def _open(path) -> h5py.File:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such emu file: {path}")
-    handle = h5py.File(path, "r")
+    handle = open_hdf5(path, "emu run file")
     if handle.attrs.get("format") != FORMAT:
         handle.close()
-        raise ValueError(f"{path} is not an emu run file (attribute format != {FORMAT!r})")
+        raise UserError(f"{path} is not an emu run file (attribute format != {FORMAT!r}; "
+                        "a dataset folder from `generate` is read with `emu data info`)")
     return handle
+
+
+def unfinished_runs(path) -> list[dict[str, Any]]:
+    """Temporary files of runs writing `path` that were killed (kill -9, OOM) before closing them.
+
+    Returns one dict per file: temporary (Path), snapshots, restart_step (None when no restart state
+    was saved), alive (its writer process still runs on this host: not stale). Files that cannot be
+    opened are reported with snapshots None."""
+    path = Path(path)
+    found = []
+    for temporary in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+        entry: dict[str, Any] = {"temporary": temporary, "snapshots": None, "restart_step": None, "alive": False}
+        try:
+            with h5py.File(temporary, "r") as handle:
+                pid, host = int(handle.attrs.get("writer_pid", -1)), str(handle.attrs.get("writer_host", ""))
+                entry["alive"] = host == socket.gethostname() and _process_alive(pid)
+                entry["snapshots"] = int(handle["time"].shape[0]) if "time" in handle else 0
+                if "restart" in handle and "state_hat" in handle["restart"]:
+                    entry["restart_step"] = int(handle["restart"].attrs["step"])
+        except OSError as error:  # locked by a live writer, or truncated
+            entry["alive"] = "lock" in str(error).lower()
+        found.append(entry)
+    return found
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_config(path):
@@ -231,8 +295,9 @@ def load_restart(path) -> tuple[Any, RestartState]:
     from emu.systems import config_from_dict
 
     with _open(path) as handle:
-        if "restart" not in handle:
-            raise ValueError(f"{path} holds no restart state (group /restart is missing)")
+        if "restart" not in handle or "state_hat" not in handle["restart"]:
+            raise UserError(f"{path} holds no restart state (group /restart is missing: the run was killed "
+                            "before its first snapshot)")
         group = handle["restart"]
         history = {name: group[name][()] for name in group if name != "state_hat"}
         restart = RestartState(group["state_hat"][()], history, int(group.attrs["level"]),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from emu.data.well import EMU_GROUP, SPLITS, dataset_statistics, split_files
+from emu.data.well import EMU_GROUP, SPLITS, dataset_statistics, open_dataset_file, split_files
 
 
 class Normalizer:
@@ -78,7 +78,7 @@ class _H5Files(Dataset):
         self.shapes = []
         self.channels = None
         for path in self.files:
-            with h5py.File(path, "r") as handle:
+            with open_dataset_file(path) as handle:
                 channels = json.loads(handle[EMU_GROUP].attrs["channels"])
                 if self.channels is None:
                     self.channels = channels
@@ -97,7 +97,7 @@ class _H5Files(Dataset):
         if self._pid != os.getpid():  # a forked worker: never reuse the parent's HDF5 handles
             self._handles, self._pid = {}, os.getpid()
         if index not in self._handles:
-            handle = h5py.File(self.files[index], "r")
+            handle = open_dataset_file(self.files[index])
             self._handles[index] = (handle, [handle["t0_fields"][channel] for channel in self.channels])
         return self._handles[index][1]
 

@@ -13,7 +13,17 @@ validation function) and hands it to `fit`, which owns everything else:
   improved, `best.pt` (both written atomically: temp file + rename), loadable with
   `torch.load(..., weights_only=True)`;
 - `resume=True` continues from `last.pt` exactly (weights, optimizer, scheduler, EMA, RNG state;
-  the shuffle order depends on (seed, epoch) only), refusing a checkpoint trained with other settings.
+  the shuffle order depends on (seed, epoch) only), refusing a checkpoint trained with other settings
+  (each differing setting is named with both values). Only `epochs` may grow: a finished or stopped
+  run then trains on up to the new total (see `fit`); `device` and `num_workers` say where the run
+  executes, not what it computes, and may change too.
+- an output folder that already holds files is refused unless `resume` (continue it) or `overwrite`
+  (delete emu's own files there first) is given, so a second run never mixes its checkpoints and
+  metrics with an earlier one's;
+- a batch with NaN/inf values, a non-finite loss or non-finite gradients stop training at once with
+  `NonFiniteTraining` (which epoch and batch, and what to check), before that step changes the
+  weights; the checkpoints of earlier epochs stay as they were, and weights are checked to be finite
+  before every save, so no checkpoint ever holds NaN weights.
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +45,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import emu
+from emu.backends import torch_device as resolve_device  # noqa: F401  (the one --device check)
+from emu.errors import UserError
+
+# Files `fit` writes into its output folder (`overwrite=True` deletes exactly these, plus their
+# temporaries and the tuned levels that `tune thermalizer` writes beside a checkpoint).
+OWN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "loss.png", "thermalizer_levels.json")
+
+# Settings that say where a run executes, not what it computes: a resumed run may change them.
+EXECUTION_SETTINGS = ("device", "num_workers")
+
+# Command-line spelling of the settings whose option name is not `--` + the field with dashes.
+OPTION_NAMES = {"num_workers": "--workers", "compile": "--compile", "ema_decay": "--ema", "num_levels": "--levels"}
+
+
+class NonFiniteTraining(UserError):
+    """Training met NaN or inf (in a batch, the loss or the gradients) and stopped before that step
+    changed the weights; the message says where, what was kept and what to check."""
 
 
 @dataclass(frozen=True)
 class OptimisationSettings:
     """The settings every training run shares (each trainer's config extends this; all are stored in
-    every checkpoint and must match on --resume).
+    every checkpoint and must match on --resume, except `epochs`, which may grow to extend the run,
+    and `device`/`num_workers`, which only say where it runs).
 
     Attributes:
         data: dataset folder made by `emu generate`.
@@ -51,7 +81,7 @@ class OptimisationSettings:
             bad batch of the level classifier's cross-entropy otherwise throws the head back to
             uniform logits (seen at lr 1e-3: cross-entropy 6.9 -> 9.6 in one epoch).
         num_workers: DataLoader workers.
-        device: "cpu", "cuda" or None (cuda when available).
+        device: "cpu", "cuda", "cuda:N" or None (cuda when available); checked by `resolve_device`.
     """
 
     data: str
@@ -99,7 +129,7 @@ class Context:
 
 def make_context(device: str | None) -> Context:
     """The device (cuda when available unless `device` says otherwise) and, under torchrun, the process group."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return Context(device)
     import torch.distributed as dist
@@ -146,8 +176,26 @@ def save_atomically(payload: dict, path: Path) -> None:
 
 
 def load_checkpoint(path, kind: str) -> dict:
-    """Loads a checkpoint safely (weights_only=True) and checks that it is an emu `kind` checkpoint."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Loads a checkpoint safely (weights_only=True) and checks that it is an emu `kind` checkpoint.
+
+    The one loader of every checkpoint a user hands to emu (rollout, resume, tune, thermalizer), so
+    that a damaged or foreign file is one line naming it. A file holding pickled Python objects
+    beyond tensors and plain containers is refused; torch's own message would advise loading it with
+    weights_only=False, which runs whatever code the file carries, so it is not passed on (not even
+    as the chained cause that --debug prints).
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever torch.load meets in a damaged file is the file's fault
+        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+            raise UserError(f"refused: {path} is not a plain checkpoint (it holds pickled Python objects, "
+                            "which emu never loads)") from None
+        raise UserError(f"{path}: truncated or not a torch checkpoint ({type(error).__name__} while reading it); "
+                        f"expected an emu {kind} checkpoint such as OUT/last.pt from `emu train {kind}`") from None
     expected = f"emu-{kind}"
     if not isinstance(payload, dict) or payload.get("format") != expected:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -186,10 +234,98 @@ def _ema_state(ema) -> dict | None:
     return ema.module.state_dict()
 
 
-def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = False, progress: bool = True,
-        ema_decay: float = 0.0, echo: Callable[[str], None] = print) -> dict:
-    """Trains `job` for config.epochs epochs (see the module docstring); returns the last epoch's metrics."""
+def _option(name: str) -> str:
+    return OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings as stored in a checkpoint (JSON types), with the data path normalised ("data/" == "data")."""
+    values = json.loads(json.dumps(settings))
+    if isinstance(values.get("data"), str):
+        values["data"] = os.path.normpath(values["data"])
+    return values
+
+
+def settings_differences(stored: dict, current: dict) -> list[str]:
+    """'name (--option): V in the checkpoint, W now' for each setting that must match on resume and differs."""
+    stored, current = _comparable(stored), _comparable(current)
+    missing = object()
+    differences = []
+    for name in sorted(set(stored) | set(current)):
+        if name in EXECUTION_SETTINGS or name == "epochs":
+            continue
+        old, new = stored.get(name, missing), current.get(name, missing)
+        if old != new:
+            def shown(value):
+                return "(not set)" if value is missing else json.dumps(value)
+
+            differences.append(f"{name} ({_option(name)}): {shown(old)} in the checkpoint, {shown(new)} now")
+    return differences
+
+
+def _is_own_temporary(name: str) -> bool:
+    """A temporary of one of emu's files, left by a process killed while writing it (.last.pt.x1y2.tmp)."""
+    return name.startswith(".") and any(name.startswith(f".{own}.") for own in OWN_FILES)
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool, rank: int = 0,
+                   echo: Callable[[str], None] = print) -> None:
+    """Refuses an output folder that already holds files unless the run continues it (`resume`) or
+    replaces it (`overwrite`, which deletes emu's own files there and says which). Without this a
+    second run would overwrite the first one's checkpoints and append its epochs to the same
+    metrics.jsonl, and the folder would describe neither run."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    present = sorted(p.name for p in out.iterdir() if not _is_own_temporary(p.name)) if out.is_dir() else []
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"--resume: {out / 'last.pt'} does not exist, so there is no run to continue"
+                            + (f" ({out} holds {', '.join(present)})" if present else "")
+                            + "; leave out --resume to start a new run")
+        return
+    if not present:
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} already holds {', '.join(present)}: pass --resume to continue that run, "
+                        "--overwrite to delete emu's files there and start again, or another --out")
+    removed = [name for name in OWN_FILES if (out / name).exists()]
+    if rank == 0:
+        for path in out.iterdir():
+            if path.name in OWN_FILES or _is_own_temporary(path.name):
+                path.unlink()
+        kept = [name for name in present if name not in OWN_FILES]
+        echo(f"--overwrite: deleted {', '.join(removed) or 'nothing of emu'} in {out}"
+             + (f" (other files kept: {', '.join(kept)})" if kept else ""))
+
+
+def _all_ranks(flags: torch.Tensor, context: "Context") -> torch.Tensor:
+    """The element-wise minimum of `flags` over every DDP rank, so that all ranks stop together."""
+    if context.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return flags
+
+
+def _finite_state(state: dict) -> bool:
+    return all(bool(torch.isfinite(value).all()) for value in state.values()
+               if isinstance(value, torch.Tensor) and value.is_floating_point())
+
+
+def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, ema_decay: float = 0.0, echo: Callable[[str], None] = print) -> dict:
+    """Trains `job` for config.epochs epochs (see the module docstring); returns the last epoch's metrics.
+
+    With `resume`, `config.epochs` may be larger than the epochs of the run in `out/last.pt` (finished
+    or not): training continues from last.pt up to the new total, and the checkpoint stores the new
+    total. The cosine schedule is then recomputed over the new total of steps: at the step where the
+    run stopped the learning rate becomes lr * (1 + cos(pi * done / new_total)) / 2, so a finished
+    run (learning rate 0) restarts at that higher value (half of --lr when the epochs double) and
+    decays to 0 again at the new last epoch; the constant schedule is unchanged. An `epochs` smaller
+    than the epochs already done is refused.
+    """
     out = Path(out)
+    prepare_output(out, resume=resume, overwrite=overwrite, rank=context.rank, echo=echo)
     if context.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     device = context.device
@@ -220,18 +356,40 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
     settings = dataclasses.asdict(config)
     history: list[dict] = []
     first_epoch, best = 1, math.inf
-    if resume and (out / "last.pt").exists():
-        payload = load_checkpoint(out / "last.pt", kind)
-        if payload["training"] != json.loads(json.dumps(settings)):
-            raise ValueError(f"resume: {out / 'last.pt'} was trained with other settings; use another --out")
+    saved_epoch = None  # the epoch that out/last.pt holds, for the message when training must stop
+    if resume:
+        path = out / "last.pt"
+        payload = load_checkpoint(path, kind)
+        differences = settings_differences(payload["training"], settings)
+        if differences:
+            raise UserError(f"--resume: {path} was trained with other settings: {'; '.join(differences)}. "
+                            "Pass the checkpoint's values (only --epochs may grow), or train into another --out")
+        done, planned = payload["epoch"], payload["training"]["epochs"]
+        if config.epochs < done:
+            raise UserError(f"--epochs {config.epochs}: {path} has already trained {done} epochs; pass --epochs "
+                            f"{done} or more to continue it (more epochs extend the run)")
         job.module.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        # The schedule is a function of (step, new total): set the rate it gives at the step reached
+        # now, not the stored one, which belongs to the old total (0 at the end of a finished run).
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         if ema is not None:
             ema.module.load_state_dict(payload["ema"])
             ema.n_averaged.fill_(payload["ema_updates"])
         torch.set_rng_state(payload["rng_state"])
-        history, first_epoch, best = payload["history"], payload["epoch"] + 1, payload["best"]
+        history, first_epoch, best = payload["history"], done + 1, payload["best"]
+        saved_epoch = done
+        if config.epochs == done and context.rank == 0:
+            echo(f"{path} has already trained {done} of {config.epochs} epochs: nothing to do "
+                 "(pass a larger --epochs to train on)")
+        elif config.epochs != planned and context.rank == 0:
+            echo(f"extending {path} from {planned} to {config.epochs} epochs (continuing after epoch {done}): "
+                 + (f"the cosine schedule is recomputed over {config.epochs} epochs, so the learning rate goes "
+                    f"from {payload['optimizer']['param_groups'][0]['lr']:.3g} to "
+                    f"{optimizer.param_groups[0]['lr']:.3g} now and decays to 0 at epoch {config.epochs}"
+                    if config.schedule == "cosine" else f"the learning rate stays {config.lr:.3g}"))
 
     def checkpoint(epoch: int) -> dict[str, Any]:
         return {"format": f"emu-{kind}", "emu_version": emu.__version__, "epoch": epoch, **job.extras,
@@ -240,8 +398,17 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "training": settings,
                 "history": history, "best": best, "rng_state": torch.get_rng_state()}
 
+    def stop(epoch: int, batch_index: int | None, problem: str, advice: str):
+        kept = (f"{out / 'last.pt'} still holds epoch {saved_epoch}" if saved_epoch is not None
+                else "no checkpoint was written")
+        where = (f"at epoch {epoch}, batch {batch_index} of {len(loader)}" if batch_index is not None
+                 else f"at the end of epoch {epoch}")
+        consequence = "the weights were not updated with it" if batch_index is not None else "this epoch is not saved"
+        raise NonFiniteTraining(f"training stopped {where}: {problem}; {consequence} and {kept}. {advice}")
+
+    data_hint = f"check the data with `emu data validate {config.data}`"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
-    metrics: dict = {}
+    metrics: dict = history[-1] if history else {}
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
         if sampler is not None:
@@ -257,17 +424,34 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
             bar = tqdm(total=len(loader), unit="batch", desc=f"epoch {epoch}/{config.epochs}", dynamic_ncols=True)
         for batch in loader:
             batch = batch.to(device)
+            batch_finite = torch.isfinite(batch).all()
             with autocast:
                 loss = objective(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            gradients = [p.grad for p in job.module.parameters() if p.grad is not None]
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(job.module.parameters(), config.max_grad_norm)
+                gradient_norm = torch.nn.utils.clip_grad_norm_(job.module.parameters(), config.max_grad_norm)
+            else:
+                gradient_norm = torch.nn.utils.get_total_norm(gradients) if gradients else loss.new_zeros(())
+            # One flag per check, reduced over the DDP ranks: a NaN on one rank stops all of them.
+            flags = _all_ranks(torch.stack([batch_finite, torch.isfinite(loss.detach()),
+                                            torch.isfinite(gradient_norm)]).to(device, torch.int32), context)
+            batch_ok, loss_ok, gradients_ok = (bool(flag) for flag in flags.cpu())
+            loss_value = float(loss.detach())
+            if not batch_ok:
+                stop(epoch, batches + 1, f"the batch holds NaN or inf values (the loss is {loss_value:.4g})",
+                     f"The training data is damaged: {data_hint}.")
+            if not (loss_ok and gradients_ok):
+                problem = (f"the loss is {loss_value:.4g}" if not loss_ok
+                           else f"the gradients are not finite (norm {float(gradient_norm):.4g}, loss {loss_value:.4g})")
+                stop(epoch, batches + 1, f"{problem} on finite data: the optimisation diverged",
+                     f"Lower --lr (now {config.lr:g}), clip gradients with --max-grad-norm, or {data_hint}.")
             optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(job.module)
-            running += float(loss.detach())
+            running += loss_value
             for name, value in getattr(terms_source, "terms", {}).items():
                 term_sums[name] = term_sums.get(name, 0.0) + value
             batches += 1
@@ -276,6 +460,9 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
                 bar.set_postfix(loss=f"{running / batches:.3e}")
         if bar is not None:
             bar.close()
+        if not (_finite_state(job.module.state_dict()) and (ema is None or _finite_state(ema.module.state_dict()))):
+            stop(epoch, None, "the weights are not finite after the optimizer steps",
+                 f"Lower --lr (now {config.lr:g}) or clip gradients with --max-grad-norm.")
         elapsed = max(time.perf_counter() - started, 1e-9)
         metrics = {"epoch": epoch, "train_loss": running / max(batches, 1),
                    **{f"train_{name}": value / max(batches, 1) for name, value in term_sums.items()},
@@ -287,10 +474,14 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
         history.append(metrics)
         if context.rank == 0:
             score = metrics.get("valid_loss", metrics["train_loss"])
+            if not math.isfinite(score):
+                echo(f"warning: epoch {epoch}: the validation loss is {score} with finite weights, so best.pt is not "
+                     f"updated; the validation split may hold NaN or inf: {data_hint}")
             best_now = score < best
             best = min(best, score)
             payload = checkpoint(epoch)
             save_atomically(payload, out / "last.pt")
+            saved_epoch = epoch
             if best_now:
                 save_atomically(payload, out / "best.pt")
             with open(out / "metrics.jsonl", "a") as stream:

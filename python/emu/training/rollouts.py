@@ -10,8 +10,28 @@ import numpy as np
 import torch
 
 from emu.data.loaders import Snapshots
-from emu.data.well import EMU_GROUP, create_well_file, split_files
+from emu.data.well import EMU_GROUP, SPLITS, create_well_file, split_files
+from emu.errors import UserError
+from emu.training.loop import resolve_device
 from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
+
+
+def require_split(directory, split: str) -> str:
+    """`split` when the dataset folder has files of it; otherwise an error naming the splits that do.
+
+    No fallback to another split: rolling out (or tuning) from the training data instead of held-out
+    data that the user asked for would change what the numbers mean without saying so.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split_files(directory, split):
+        return split
+    with_data = [name for name in SPLITS if split_files(directory, name)]
+    if not with_data:
+        raise FileNotFoundError(f"{directory}: no dataset files under data/{{{','.join(SPLITS)}}}/*.hdf5 "
+                                "(make a dataset with `emu generate`)")
+    raise UserError(f"--split {split}: {directory} has no {split} trajectories (nothing in data/{split}/); "
+                    f"splits with data: {', '.join(with_data)}; pass one of them with --split")
 
 
 def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int = 100, split: str = "test",
@@ -19,7 +39,7 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
                     progress: bool = True, thermalizer=None, s_init: int | None = None, s_stop: int | None = None,
                     runaway_level: int = 100) -> dict:
     """Rolls the emulator of `checkpoint` out from the first snapshot of `trajectories` trajectories
-    of the dataset `init` (split `split`, falling back to valid/train when empty) for `steps` steps
+    of the dataset `init` (split `split`, which must hold data: there is no fallback) for `steps` steps
     and streams the denormalised states into `out` (The Well layout, `emu` group with the per-step
     MSE against the solver where the dataset has the reference, in normalised units, and the step at
     which each trajectory diverged: RMS of the normalised state above `divergence_threshold` or
@@ -32,9 +52,10 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     before correction), `emu/denoising_steps` (steps applied, 0 when none) and `emu/runaway`
     (predicted level above `runaway_level`: flagged and corrected from `runaway_level`, never an abort).
     """
+    device = resolve_device(device)
+    chosen = require_split(init, split)
     payload = load_checkpoint(checkpoint)
     emulator, normalizer = emulator_from_checkpoint(payload)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     emulator.to(device)
     corrector = None
     if thermalizer is not None:
@@ -42,9 +63,6 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
 
         corrector = ThermalizerCorrection.from_checkpoint(thermalizer, normalizer, device, s_init=s_init, s_stop=s_stop,
                                                           runaway_level=runaway_level, seed=seed + 1)
-    chosen = next((s for s in (split, "valid", "train") if split_files(init, s)), None)
-    if chosen is None:
-        raise FileNotFoundError(f"{init}: no dataset files to take initial states from")
     frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
     available, stored_steps = frames.shapes[0][0], frames.shapes[0][1]
     if not (isinstance(trajectories, int) and 1 <= trajectories <= available):

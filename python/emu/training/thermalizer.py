@@ -127,9 +127,10 @@ def evaluate(network: nn.Module, valid_set: Snapshots, schedule: CosineSchedule,
     return metrics
 
 
-def train_thermalizer(config: ThermalizerTrainingConfig, out, *, resume: bool = False, progress: bool = True,
-                      echo: Callable[[str], None] = print) -> dict:
-    """Trains (or resumes) a thermalizer; returns the last epoch's metrics."""
+def train_thermalizer(config: ThermalizerTrainingConfig, out, *, resume: bool = False, overwrite: bool = False,
+                      progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes, or with a larger `config.epochs` extends) a thermalizer into `out`; returns
+    the last epoch's metrics. Output folder, resume and NaN handling as in `loop.fit`."""
     context = loop.make_context(config.device)
     torch.manual_seed(config.seed + context.rank)  # levels and noise differ between DDP ranks
     info = dataset_info(config.data)
@@ -148,8 +149,11 @@ def train_thermalizer(config: ThermalizerTrainingConfig, out, *, resume: bool = 
                 "schedule": schedule.config},
         plot_keys=(("train_loss", "train"), ("valid_loss", "valid"), ("valid_noise_mse", "valid noise MSE"),
                    ("valid_cross_entropy", "valid level cross-entropy")))
-    return loop.fit(job, config, context, out, kind="thermalizer", resume=resume, progress=progress,
-                    ema_decay=config.ema_decay, echo=echo)
+    if valid_set is None and context.rank == 0:
+        echo(f"note: {config.data} has no valid split: no validation metrics, and best.pt is the epoch with the "
+             "lowest training loss")
+    return loop.fit(job, config, context, out, kind="thermalizer", resume=resume, overwrite=overwrite,
+                    progress=progress, ema_decay=config.ema_decay, echo=echo)
 
 
 def load_thermalizer(path) -> tuple[nn.Module, DDPMScheduler, Normalizer, dict]:

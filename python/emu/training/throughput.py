@@ -27,6 +27,7 @@ import torch
 from emu.bench import calls_per_second
 from emu.models import count_parameters, make_model
 from emu.training.emulator import ResidualEmulator, unrolled_loss
+from emu.training.loop import resolve_device
 
 
 def parse_emulator_specs(text: str) -> list[tuple[str, str]]:
@@ -55,7 +56,7 @@ def emulator_throughput(arch: str, preset: str, *, channels: int = 1, grid: int 
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)  # "cuda" without a GPU: one line, not torch's assertion
     torch.manual_seed(seed)
     network = make_model(arch, preset, channels, channels)
     emulator = ResidualEmulator(network, noise=noise).to(device)

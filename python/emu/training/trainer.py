@@ -4,7 +4,8 @@
 
 Writes into `out`: `last.pt` and `best.pt` (model + optimizer + scheduler + normaliser + configs;
 loadable with `torch.load(..., weights_only=True)`), `metrics.jsonl` (one line per epoch) and
-`loss.png`. Under `torchrun --nproc-per-node N` the same command trains with
+`loss.png` (an `out` that already holds files needs `--resume` or `--overwrite`). Under
+`torchrun --nproc-per-node N` the same command trains with
 DistributedDataParallel (gloo on CPU, nccl on GPU); rank 0 writes the files. The loop itself
 (optimiser, schedule, DDP, AMP, checkpoints, resume) is `emu.training.loop.fit`, shared with the
 thermalizer.
@@ -97,9 +98,11 @@ def dataset_info(directory) -> dict:
                 "snapshot_interval": float(group.attrs["snapshot_interval"])}
 
 
-def train_emulator(config: TrainingConfig, out, *, resume: bool = False, progress: bool = True,
-                   echo: Callable[[str], None] = print) -> dict:
-    """Trains (or resumes) an emulator; returns the last epoch's metrics."""
+def train_emulator(config: TrainingConfig, out, *, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes, or with a larger `config.epochs` extends) an emulator into `out`; returns
+    the last epoch's metrics. `out` must be empty or new unless `resume` or `overwrite` (see
+    `loop.fit`, which also stops on NaN/inf and documents what resume does to the schedule)."""
     context = loop.make_context(config.device)
     torch.manual_seed(config.seed)
     info = dataset_info(config.data)
@@ -115,7 +118,11 @@ def train_emulator(config: TrainingConfig, out, *, resume: bool = False, progres
         evaluate=lambda module: evaluate(module, valid_set, config, context.device) if valid_set is not None else {},
         extras={"model_config": network.config, "normalizer": normalizer.state_dict(), "dataset": info},
         plot_keys=(("train_loss", "train"), ("valid_loss", "valid"), ("valid_rollout_mse", "valid rollout MSE")))
-    return loop.fit(job, config, context, out, kind="emulator", resume=resume, progress=progress, echo=echo)
+    if valid_set is None and context.rank == 0:
+        echo(f"note: {config.data} has no valid split: no validation metrics, and best.pt is the epoch with the "
+             "lowest training loss")
+    return loop.fit(job, config, context, out, kind="emulator", resume=resume, overwrite=overwrite,
+                    progress=progress, echo=echo)
 
 
 @torch.no_grad()

@@ -19,10 +19,11 @@ import torch
 
 from emu.data.atomic import write_json_atomically
 from emu.data.loaders import Snapshots
-from emu.data.well import split_files
 from emu.diffusion import check_levels_pair
 from emu.metrics import kinetic_energy_spectrum, spectral_similarity
 from emu.training.emulator import rollout
+from emu.training.loop import resolve_device
+from emu.training.rollouts import require_split
 from emu.training.thermalizer import ThermalizerCorrection, load_thermalizer, tuned_levels_path
 from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
 
@@ -32,10 +33,11 @@ def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_ini
                      runaway_level: int = 100, seed: int = 0, device: str | None = None, write: bool = True,
                      progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Scores every (s_init, s_stop) pair; returns {"rows": [...], "best": {...}} and writes the best pair."""
+    device = resolve_device(device)
+    chosen = require_split(init, split)
     payload = load_checkpoint(emulator_checkpoint)
     emulator, normalizer = emulator_from_checkpoint(payload)
     network, scheduler, _, _ = load_thermalizer(thermalizer_checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     emulator.to(device), network.to(device)
     pairs = [(int(a), int(b)) for a in s_inits for b in s_stops if b < a]
     if not pairs:
@@ -44,9 +46,6 @@ def tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, *, s_ini
         check_levels_pair(s_init, s_stop, scheduler.num_levels)
     if not (isinstance(steps, int) and steps >= 2):
         raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
-    chosen = next((s for s in (split, "valid", "train") if split_files(init, s)), None)
-    if chosen is None:
-        raise FileNotFoundError(f"{init}: no dataset files to take initial states and reference spectra from")
     frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
     available = frames.shapes[0][0]
     if not (isinstance(trajectories, int) and 1 <= trajectories <= available):
