@@ -134,17 +134,16 @@ def stage_emulator(settings: dict, data: Path, out: Path, device: str | None) ->
 
 
 def stage_thermalizer(settings: dict, data: Path, out: Path, device: str | None) -> Path:
-    from emu.training.thermalizer import ThermalizerTrainingConfig, train_thermalizer
+    from emu.stabilizers.thermalizer import ThermalizerTrainingConfig, train_thermalizer
 
     # The EMA weights of the last epoch (the paper's choice), not the lowest validation loss.
     return _train("thermalizer", ThermalizerTrainingConfig, train_thermalizer, settings, data, out, device) / "last.pt"
 
 
 def stage_tune(settings: dict, emulator: Path, thermalizer: Path, data: Path, device: str | None) -> dict:
-    from emu.training.thermalizer import read_tuned_levels
-    from emu.training.tuning import tune_thermalizer
+    from emu.stabilizers.thermalizer import read_levels, tune_thermalizer
 
-    tuned = read_tuned_levels(thermalizer)
+    tuned = (read_levels(thermalizer) or {}).get("grid_search")
     if tuned is not None and tuned.get("emulator") == str(emulator):
         log(f"tuned levels found: s_init={tuned['s_init']}, s_stop={tuned['s_stop']}")
         return tuned
@@ -189,7 +188,7 @@ def classifier_cost(emulator: Path, thermalizer: Path, batch: int, grid: int, de
     import torch
 
     from emu.bench import calls_per_second
-    from emu.training.thermalizer import load_thermalizer
+    from emu.stabilizers.thermalizer import load_thermalizer
     from emu.training.trainer import emulator_from_checkpoint, load_checkpoint
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

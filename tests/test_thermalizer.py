@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from emu.cli import main
-from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise, thermalize
+from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
 from emu.models import make_model
+from emu.stabilizers.thermalizer import DiffusionLoss, thermalize
 from emu.training.loop import load_checkpoint
-from emu.training.thermalizer import DiffusionLoss
 
 SCHEDULER = DDPMScheduler(CosineSchedule(1000))
 
@@ -155,10 +155,12 @@ def test_cli_train_thermalizer_then_thermalized_rollout(tiny_data, tmp_path):
                                   "--s-init", "8,9", "--s-stop", "3", "--trajectories", "1", "--steps", "2",
                                   "--runaway-level", "20", "--no-progress"])
     assert result.exit_code == 0, (result.output, result.exception)
-    tuned = json.loads((thermalizer_run / "thermalizer_levels.json").read_text())
+    levels = json.loads((thermalizer_run / "thermalizer_levels.json").read_text())
+    tuned = levels["grid_search"]
+    assert levels["source"] == "grid_search"
     assert [(row["s_init"], row["s_stop"]) for row in tuned["rows"]] == [(8, 3), (9, 3)]
     best = min(tuned["rows"], key=lambda row: row["score"])
-    assert (tuned["s_init"], tuned["s_stop"]) == (best["s_init"], best["s_stop"])
+    assert (levels["s_init"], levels["s_stop"]) == (tuned["s_init"], tuned["s_stop"]) == (best["s_init"], best["s_stop"])
     assert all(np.isfinite(row["score"]) and row["score"] >= 0 for row in tuned["rows"])
     result = runner.invoke(main, ["rollout", "--emulator", str(emulator_run / "last.pt"), "--thermalizer",
                                   str(thermalizer_run / "last.pt"), "--init", str(tiny_data), "--split", "train",

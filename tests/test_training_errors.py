@@ -22,7 +22,7 @@ from emu.cli import main
 from emu.errors import UserError
 from emu.training import loop
 from emu.training.trainer import TrainingConfig, load_checkpoint, train_emulator
-from emu.training.thermalizer import ThermalizerTrainingConfig, train_thermalizer
+from emu.stabilizers.thermalizer import ThermalizerTrainingConfig, train_thermalizer
 
 QUIET = {"progress": False, "echo": lambda _: None}
 

@@ -251,6 +251,7 @@ class ArrayBackend:
         device: "cpu" or a torch device string such as "cuda" or "cuda:1" (cupy: always "cuda:N").
         dtype: real floating-point precision of physical fields, "float32" or "float64".
         fused_kernels: whether the equations run their fused CUDA kernels (`fused_operators`).
+        fused_factory: equation -> fused operators, supplied by the backend's door module (emu.cuda).
     """
 
     name: str
@@ -259,6 +260,7 @@ class ArrayBackend:
     xp: Any  # the array_api_compat namespace
     fft: Any = None  # FFTWPlans for the numpy backend when pyFFTW is installed
     fused_kernels: bool = False
+    fused_factory: Any = None
 
     @property
     def real_dtype(self):
@@ -343,33 +345,21 @@ class ArrayBackend:
         """Fused-kernel operators for `equation` (emu.solvers.fused), or None when this backend has
         none (numpy, torch) or the system has no fused kernels; the equation's generic array code runs
         then."""
-        if not self.fused_kernels:
+        if not self.fused_kernels or self.fused_factory is None:
             return None
-        from emu.solvers.fused import fused_operators
-
-        return fused_operators(equation)
+        return self.fused_factory(equation)
 
 
-def _cupy_backend(device: str | None, dtype: str) -> ArrayBackend:
-    """The cupy backend on `device` ("cuda" or "cuda:N"), made the current CuPy device of this thread
-    so that arrays, FFTs and kernels all land there."""
-    device = device or "cuda"
-    index_text = device[len("cuda:"):] if device.startswith("cuda:") else "0" if device == "cuda" else None
-    if index_text is None or not index_text.isdigit():
-        raise ValueError(f"device: the cupy backend runs on 'cuda' or 'cuda:N', got {device!r}; "
-                         "use --backend numpy or torch for the CPU")
-    from emu.cuda import require_cupy  # emu.cuda imports this module: import here, not at the top
+# Backends that live in their own door module (emu.cuda for CuPy, emu.julia for juliacall) and register
+# their factory when imported: this physics-layer module names them but never imports them, so
+# `import emu.backends` pulls in neither CuPy, juliacall nor the fused solver kernels.
+ACCELERATED_BACKENDS = {"cupy": "emu.cuda", "julia": "emu.julia"}
+_FACTORIES: dict[str, Any] = {}
 
-    cupy = require_cupy()
-    index = int(index_text)
-    count = cupy.cuda.runtime.getDeviceCount()
-    if index >= count:
-        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    cupy.cuda.Device(index).use()
-    import array_api_compat.cupy as xp
 
-    fused = os.environ.get("EMU_CUPY_FUSED", "1") != "0"
-    return ArrayBackend("cupy", f"cuda:{index}", dtype, xp, None, fused_kernels=fused)
+def register_backend(name: str, factory) -> None:
+    """Called by a door module on import: `factory(device=, dtype=, reproducible=)` makes the backend."""
+    _FACTORIES[name] = factory
 
 
 def torch_device(device: str | None):
@@ -433,10 +423,10 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         # CPU tensors go through FFTW (zero-copy numpy views) when pyFFTW is installed.
         use_fftw = device == "cpu" and os.environ.get("EMU_FFT", "fftw") != "numpy"
         return ArrayBackend("torch", device, dtype, xp, fftw_plans("torch", reproducible) if use_fftw else None)
-    if name == "cupy":
-        return _cupy_backend(device, dtype)
-    if name == "julia":
-        from emu.julia import julia_backend  # starts Julia now (juliacall), or says why it cannot
+    if name in ACCELERATED_BACKENDS:
+        import importlib
 
-        return julia_backend(device=device, dtype=dtype, reproducible=reproducible)
+        importlib.import_module(ACCELERATED_BACKENDS[name])  # registers the factory
+        # cupy: fails at once saying what to install; julia: starts Julia now, or says why it cannot
+        return _FACTORIES[name](device=device, dtype=dtype, reproducible=reproducible)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

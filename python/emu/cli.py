@@ -518,8 +518,20 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 @click.option("--levels", "num_levels", type=int, default=1000, show_default=True, help="Diffusion levels T (cosine schedule).")
 @click.option("--classifier-weight", type=float, default=1.0, show_default=True, help="Weight of the level cross-entropy.")
 @click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
+@click.option("--level-sampling", type=click.Choice(["uniform", "mixture"]), default="uniform", show_default=True,
+              help="Training levels: uniform over all (paper), or a mixture with --low-level-fraction of each batch "
+                   "below --low-level-max.")
+@click.option("--low-level-fraction", type=float, default=0.5, show_default=True)
+@click.option("--low-level-max", type=int, default=50, show_default=True)
+@click.option("--level-target", type=click.Choice(["categorical", "gaussian"]), default="categorical",
+              show_default=True, help="Level loss: one-hot cross-entropy (paper) or against a target smoothed in "
+                                      "log SNR (width --level-target-width).")
+@click.option("--level-target-width", type=float, default=0.25, show_default=True)
+@click.option("--snapshot-stride", type=int, default=1, show_default=True,
+              help="Train on every k-th stored snapshot of each trajectory (decorrelated samples).")
 @training_options(batch_size=64, lr=2e-4, out="thermalizer", max_grad_norm=1.0)
-def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epochs, batch_size, lr, weight_decay,
+def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, level_sampling, low_level_fraction,
+                low_level_max, level_target, level_target_width, snapshot_stride, epochs, batch_size, lr, weight_decay,
                 schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, overwrite, progress):
     """Train the Thermalizer: a DDPM of single snapshots with a noise-level classifier head (paper eq. 8).
 
@@ -527,10 +539,12 @@ def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, epoc
     python -m emu.cli train thermalizer --data data/ --preset small --epochs 1 --out th/
     torchrun --nproc-per-node 2 -m emu.cli train thermalizer --data data/ --epochs 1 --out th2/
     """
-    from emu.training.thermalizer import ThermalizerTrainingConfig, train_thermalizer
+    from emu.stabilizers.thermalizer import ThermalizerTrainingConfig, train_thermalizer
 
     _run_training(train_thermalizer, ThermalizerTrainingConfig, out, resume, overwrite, progress, data=str(data_dir),
                   preset=preset, num_levels=num_levels, classifier_weight=classifier_weight, ema_decay=ema_decay,
+                  level_sampling=level_sampling, low_level_fraction=low_level_fraction, low_level_max=low_level_max,
+                  level_target=level_target, level_target_width=level_target_width, snapshot_stride=snapshot_stride,
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
                   compile=compile_model, seed=seed, num_workers=workers, device=device, max_grad_norm=max_grad_norm)
 
@@ -561,7 +575,7 @@ def tune_thermalizer_command(emulator_checkpoint, thermalizer_checkpoint, init, 
     \b
     python -m emu.cli tune thermalizer --emulator run/last.pt --thermalizer th/last.pt --init data/ --steps 200
     """
-    from emu.training.tuning import tune_thermalizer
+    from emu.stabilizers.thermalizer import tune_thermalizer
 
     tune_thermalizer(emulator_checkpoint, thermalizer_checkpoint, init, s_inits=_int_list(s_inits, "s-init"),
                      s_stops=_int_list(s_stops, "s-stop"), trajectories=trajectories, steps=steps, split=split,
@@ -580,16 +594,22 @@ def tune_thermalizer_command(emulator_checkpoint, thermalizer_checkpoint, init, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default="rollout.h5", show_default=True)
+@click.option("--stabilizer", default=None, metavar="METHOD:CKPT",
+              help="Correct every step with a stabiliser, e.g. thermalizer:th/last.pt (paper Algorithm 1).")
 @click.option("--thermalizer", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Thermalizer checkpoint: correct every step (paper Algorithm 1).")
+              help="Short for --stabilizer thermalizer:CKPT.")
+@click.option("--fixed-level", type=int, default=None,
+              help="Thermalizer diagnostic: thermalize every step from this level, without the classifier.")
+@click.option("--no-fresh-noise", is_flag=True,
+              help="Thermalizer diagnostic: denoise the state as it is, without re-noising it to its predicted level.")
 @click.option("--s-init", type=int, default=None, help="Thermalize where the predicted level exceeds this. "
               "[default: tuned pair beside the checkpoint, else 7]")
 @click.option("--s-stop", type=int, default=None, help="Denoise down to this level. [default: tuned, else 4]")
 @click.option("--runaway-level", type=int, default=100, show_default=True,
               help="Predicted levels above this are flagged and corrected from this level.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, thermalizer, s_init,
-            s_stop, runaway_level, progress):
+def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, stabilizer,
+            thermalizer, fixed_level, no_fresh_noise, s_init, s_stop, runaway_level, progress):
     """Roll an emulator out from dataset initial states (optionally thermalized); streams the states to HDF5.
 
     \b
@@ -602,7 +622,9 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
 
     result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
                              divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress,
-                             thermalizer=thermalizer, s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
+                             stabilizer=stabilizer, thermalizer=thermalizer, s_init=s_init, s_stop=s_stop,
+                             runaway_level=runaway_level,
+                             stabilizer_options={"fixed_level": fixed_level, "fresh_noise": not no_fresh_noise})
     mse = result["mse"]
     diverged = [int(d) for d in result["diverged_at"]]
     # A few steps on a log scale: the whole curve is in the file (emu/mse), not on the terminal.
@@ -613,7 +635,7 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
     if shown:
         click.echo("mean MSE vs solver (normalised): " + ", ".join(f"step {s}: {mean_mse[s]:.3g}" for s in shown))
     click.echo(f"diverged at: {diverged} (-1 = never)")
-    if thermalizer is not None:
+    if "denoising_steps" in result:
         applied = result["denoising_steps"][:, 1:]
         runaway = result["runaway"][:, 1:]
         click.echo(f"thermalized {int((applied > 0).sum())} of {applied.size} sample-steps, "
@@ -622,6 +644,46 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
         if runaway.any():
             click.echo(f"warning: predicted level ran away (> {runaway_level}) in {int(runaway.sum())} sample-steps "
                        "(flagged in emu/runaway; corrected from --runaway-level)", err=True)
+
+
+@main.group("thermalizer")
+def thermalizer_group():
+    """Inspect a trained Thermalizer: level calibration, denoiser check, automatic levels."""
+
+
+@thermalizer_group.command("check")
+@threads_option
+@click.option("--thermalizer", "checkpoint", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset folder: clean held-out states come from its valid split (else test).")
+@click.option("--split", type=click.Choice(["valid", "test", "train"]), default=None,
+              help="Split to take clean states from. [default: valid, else test]")
+@click.option("--states", type=int, default=64, show_default=True, help="Clean held-out states.")
+@click.option("--s-stop", type=int, default=4, show_default=True, help="s_stop of the denoiser check.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Calibration curve PNG. [default: calibration.png beside the checkpoint]")
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="Write the automatic (s_init, s_stop) to thermalizer_levels.json beside the checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+def thermalizer_check(checkpoint, data_dir, split, states, s_stop, plot, write, seed, device):
+    """Predicted vs true noise level on clean held-out states noised to s = 0..100, the denoiser check
+    (noise to s = 10, 30, 60, thermalize to s_stop, MSE to the clean state), and automatic levels.
+
+    \b
+    python -m emu.cli thermalizer check --thermalizer th/last.pt --data data/
+    """
+    from pathlib import Path
+
+    from emu.data.files import check_writable
+    from emu.stabilizers.thermalizer import check_thermalizer
+
+    plot = plot or str(Path(checkpoint).with_name("calibration.png"))
+    check_writable(plot, "--plot")
+    if not (isinstance(states, int) and states >= 1):
+        raise ConfigError(f"states must be an integer >= 1, got {states!r}")
+    check_thermalizer(checkpoint, data_dir, states=states, s_stop=s_stop, split=split, device=device, plot=plot,
+                      write=write, seed=seed, echo=click.echo)
 
 
 @main.group()

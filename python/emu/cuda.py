@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from typing import Any
 
-from emu.backends import BackendUnavailable
+from emu.backends import ArrayBackend, BackendUnavailable, register_backend
 from emu.resources import kernels_dir
 
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
@@ -95,3 +96,33 @@ def torch_stream(stream: Any = None) -> Any:
         else:
             _STREAMS[key] = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
     return _STREAMS[key]
+
+
+def _fused_operators(equation):
+    from emu.solvers.fused import fused_operators  # the fused solver kernels, built on this door
+
+    return fused_operators(equation)
+
+
+def cupy_backend(device: str | None = None, dtype: str = "float64", reproducible: bool = False) -> ArrayBackend:
+    """The cupy backend on `device` ("cuda" or "cuda:N"), made the current CuPy device of this thread
+    so that arrays, FFTs and kernels all land there. cuFFT plans are deterministic, so `reproducible`
+    changes nothing. EMU_CUPY_FUSED=0 keeps CuPy's generic array expressions instead of the fused kernels."""
+    device = device or "cuda"
+    index_text = device[len("cuda:"):] if device.startswith("cuda:") else "0" if device == "cuda" else None
+    if index_text is None or not index_text.isdigit():
+        raise ValueError(f"device: the cupy backend runs on 'cuda' or 'cuda:N', got {device!r}; "
+                         "use --backend numpy or torch for the CPU")
+    cupy = require_cupy()
+    index = int(index_text)
+    count = cupy.cuda.runtime.getDeviceCount()
+    if index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    cupy.cuda.Device(index).use()
+    import array_api_compat.cupy as xp
+
+    fused = os.environ.get("EMU_CUPY_FUSED", "1") != "0"
+    return ArrayBackend("cupy", f"cuda:{index}", dtype, xp, None, fused_kernels=fused, fused_factory=_fused_operators)
+
+
+register_backend("cupy", cupy_backend)

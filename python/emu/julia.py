@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from emu.backends import ArrayBackend, BackendUnavailable, get_backend
+from emu.backends import ArrayBackend, BackendUnavailable, get_backend, register_backend
 
 # What the bridge calls in the Julia module `Emu`: (name, number of positional arguments).
 JULIA_CALLS: tuple[tuple[str, int], ...] = (
@@ -620,3 +620,6 @@ def install(cuda: bool = False, update: bool = False) -> Any:
     if cuda:
         require_cuda()
     return main
+
+
+register_backend("julia", julia_backend)

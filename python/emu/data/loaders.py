@@ -151,15 +151,20 @@ class Snapshots(_H5Files):
     Args:
         snapshots: "first" (the first snapshot of each trajectory, as the Thermalizer paper), "all",
             or an integer k (snapshot k of each trajectory).
+        stride: with "all", every stride-th snapshot (0, stride, 2 stride, ...): neighbouring
+            snapshots are nearly the same state, so a stride decorrelates diffusion training samples.
     """
 
-    def __init__(self, directory, split: str = "train", snapshots="first", normalizer: Normalizer | None = None):
+    def __init__(self, directory, split: str = "train", snapshots="first", normalizer: Normalizer | None = None,
+                 stride: int = 1):
         super().__init__(directory, split, normalizer)
         steps = self.shapes[0][1]
+        if not (isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
         if snapshots == "first":
             chosen = [0]
         elif snapshots == "all":
-            chosen = list(range(steps))
+            chosen = list(range(0, steps, stride))
         elif isinstance(snapshots, int) and not isinstance(snapshots, bool) and 0 <= snapshots < steps:
             chosen = [snapshots]
         else:

@@ -17,8 +17,9 @@ The equations (T levels i = 0 .. T-1; details and references in the two modules)
                       sigma_t^2 = beta_t (1 - alpha_bar_{t-1})/(1 - alpha_bar_t), sigma_0 = 0   (ddpm.py)
 
 Levels are per sample (an int64 tensor of shape (batch,)), as the Thermalizer needs: each sample is
-re-noised to, and descends from, its own estimated level. The Thermalizer's adaptive correction
-(Algorithm 1) is `thermalize` (thermalize.py), which takes the networks as callables.
+re-noised to, and descends from, its own estimated level. Level sampling and level targets for
+training level classifiers are in levels.py. The stabilisers built on this core (the Thermalizer's
+Algorithm 1, ...) live in `emu.stabilizers`.
 
 Layering: this package imports torch, numpy, math and `emu.backends` only; it never imports a
 network (`emu.models`), the training code or the CLI. Networks are passed in by the caller.
@@ -39,20 +40,21 @@ from emu.diffusion.ddpm import (
     sample_levels,
     tweedie,
 )
+from emu.diffusion.levels import gaussian_level_targets, log_snr, sample_training_levels, soft_cross_entropy
 from emu.diffusion.schedules import TABLES, CosineSchedule
-from emu.diffusion.thermalize import Thermalized, check_levels_pair, thermalize
 
 __all__ = [
     "DIFFUSION_BACKENDS",
     "TABLES",
     "CosineSchedule",
     "DDPMScheduler",
-    "Thermalized",
     "add_noise",
-    "check_levels_pair",
     "ddpm_step",
+    "gaussian_level_targets",
+    "log_snr",
+    "sample_training_levels",
+    "soft_cross_entropy",
     "posterior_std",
     "sample_levels",
-    "thermalize",
     "tweedie",
 ]

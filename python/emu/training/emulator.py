@@ -67,22 +67,29 @@ def unrolled_loss(emulator: ResidualEmulator, window: torch.Tensor,
 
 @torch.no_grad()
 def rollout(emulator: ResidualEmulator, initial: torch.Tensor, steps: int,
-            generator: torch.Generator | None = None, on_step=None, correct=None) -> torch.Tensor | None:
+            generator: torch.Generator | None = None, on_step=None, stabilizer=None, on_record=None) -> torch.Tensor | None:
     """Autoregressive rollout from `initial` (batch, C, y, x) for `steps` steps.
 
-    `correct(state) -> state`, when given, is applied after every emulator step (the Thermalizer).
+    `stabilizer` (an `emu.stabilizers.Stabilizer`), when given, corrects the state after every
+    emulator step: `state, record = stabilizer.correct(state, RolloutHistory(initial, previous,
+    step))`; `on_record(record)` receives each step's record (per-sample tensors).
 
     With `on_step(step, state)` the states are streamed to the callback (memory stays flat) and None
     is returned; without it the whole trajectory (batch, steps + 1, C, y, x) is returned.
     """
+    from emu.stabilizers.base import RolloutHistory
+
     state = initial
     frames = None if on_step is not None else [initial]
     if on_step is not None:
         on_step(0, state)
     for step in range(1, steps + 1):
+        previous = state
         state = emulator(state, generator)
-        if correct is not None:
-            state = correct(state)
+        if stabilizer is not None:
+            state, record = stabilizer.correct(state, RolloutHistory(initial, previous, step))
+            if on_record is not None:
+                on_record(record)
         if on_step is not None:
             on_step(step, state)
         else:

@@ -36,7 +36,8 @@ def require_split(directory, split: str) -> str:
 
 def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int = 100, split: str = "test",
                     divergence_threshold: float = 1e3, device: str | None = None, seed: int = 0,
-                    progress: bool = True, thermalizer=None, s_init: int | None = None, s_stop: int | None = None,
+                    progress: bool = True, stabilizer: str | None = None, thermalizer=None,
+                    stabilizer_options: dict | None = None, s_init: int | None = None, s_stop: int | None = None,
                     runaway_level: int = 100) -> dict:
     """Rolls the emulator of `checkpoint` out from the first snapshot of `trajectories` trajectories
     of the dataset `init` (split `split`, which must hold data: there is no fallback) for `steps` steps
@@ -45,24 +46,32 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     which each trajectory diverged: RMS of the normalised state above `divergence_threshold` or
     non-finite; -1 if never). Divergence is flagged, never fatal: the rollout goes on.
 
-    With `thermalizer` (a checkpoint from `train thermalizer`) every emulator step is followed by the
-    Thermalizer's correction (`emu.diffusion.thermalize`, paper Algorithm 1) with levels `s_init`,
-    `s_stop` (default: the pair `tune thermalizer` wrote beside the checkpoint, else 7 and 4). The
-    file then also holds, per trajectory and step, `emu/predicted_level` (the classifier's level
-    before correction), `emu/denoising_steps` (steps applied, 0 when none) and `emu/runaway`
-    (predicted level above `runaway_level`: flagged and corrected from `runaway_level`, never an abort).
+    With `stabilizer` ("METHOD:CHECKPOINT", `emu.stabilizers.load_stabilizer`; `thermalizer=CKPT` is
+    short for "thermalizer:CKPT") every emulator step is followed by the stabiliser's correction, and
+    the file also holds its per-step record: for the Thermalizer (paper Algorithm 1, levels `s_init`,
+    `s_stop`, default: the pair in thermalizer_levels.json beside the checkpoint, else 7 and 4)
+    `emu/predicted_level` (the classifier's level before correction), `emu/denoising_steps` (steps
+    applied, 0 when none) and `emu/runaway` (predicted level above `runaway_level`: flagged and
+    corrected from `runaway_level`, never an abort). `stabilizer_options` go to the method
+    (thermalizer: fixed_level, fresh_noise).
     """
     device = resolve_device(device)
     chosen = require_split(init, split)
     payload = load_checkpoint(checkpoint)
     emulator, normalizer = emulator_from_checkpoint(payload)
     emulator.to(device)
-    corrector = None
     if thermalizer is not None:
-        from emu.training.thermalizer import ThermalizerCorrection
+        if stabilizer is not None:
+            raise UserError("--thermalizer CKPT is short for --stabilizer thermalizer:CKPT: give one of them")
+        stabilizer = f"thermalizer:{thermalizer}"
+    corrector = None
+    if stabilizer is not None:
+        from emu.stabilizers import load_stabilizer
 
-        corrector = ThermalizerCorrection.from_checkpoint(thermalizer, normalizer, device, s_init=s_init, s_stop=s_stop,
-                                                          runaway_level=runaway_level, seed=seed + 1)
+        options = dict(stabilizer_options or {})
+        if stabilizer.startswith("thermalizer:"):
+            options.update(s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
+        corrector = load_stabilizer(stabilizer, normalizer, device, seed=seed + 1, **options)
     frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
     available, stored_steps = frames.shapes[0][0], frames.shapes[0][1]
     if not (isinstance(trajectories, int) and 1 <= trajectories <= available):
@@ -86,7 +95,7 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
         n_trajectories=trajectories, n_steps=steps + 1, grid_size=grid, domain_extent=float(extent),
         snapshot_interval=dataset["snapshot_interval"], parameters={},
         emu_attributes={"config": json.dumps(config), "checkpoint": str(checkpoint), "split": chosen,
-                        "kind": "thermalized emulator rollout" if corrector else "emulator rollout",
+                        "kind": f"{corrector.name} emulator rollout" if corrector else "emulator rollout",
                         "model_config": json.dumps(payload["model_config"]), "divergence_threshold": divergence_threshold,
                         **(corrector.attributes if corrector else {})},
         trajectory_ids=np.arange(trajectories), trajectory_seeds=np.zeros(trajectories), steps_per_chunk=1)
@@ -110,11 +119,13 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
         if bar is not None and step:
             bar.update(1)
 
+    from emu.stabilizers import StepRecords
     from emu.training.emulator import rollout
 
+    records = StepRecords(corrector.record_fields) if corrector else None
     try:
         rollout(emulator, reference[:, 0].to(device), steps, generator=generator, on_step=write,
-                correct=corrector.correct if corrector else None)
+                stabilizer=corrector, on_record=records.add if records else None)
     finally:
         if bar is not None:
             bar.close()
@@ -124,7 +135,7 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     group.create_dataset("diverged_at", data=diverged)
     result = {"path": out, "mse": mse[:, :min(steps + 1, stored_steps)], "diverged_at": diverged, "split": chosen}
     if corrector is not None:
-        record = corrector.record(trajectories, steps)
+        record = records.arrays(trajectories, steps)
         for name, values in record.items():
             group.create_dataset(name, data=values)
         result.update(record)
