@@ -26,27 +26,37 @@ def _load_script():
 def test_evidence_script_smoke_run_and_resume(tmp_path, capsys):
     script = _load_script()
     out = tmp_path / "evidence"
-    assert script.main(["--out", str(out), "--preset", "smoke", "--device", "cpu"]) == 0
-    for name in ("figure1.png", "mse.png", "results.json", "results.md"):
+    assert script.main(["--out", str(out), "--preset", "smoke", "--device", "cpu", "--diagnostics"]) == 0
+    for name in ("fields.png", "mse.png", "levels.png", "spectra.png", "calibration.png", "results.json", "results.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    steps = results["settings"]["steps"]
-    for name in ("emulator", "thermalized"):
-        horizons = results["runs"][name]["stable_horizon"]
-        assert len(horizons) == results["settings"]["reference_trajectories"]
-        assert all(0 <= h <= steps + 1 for h in horizons)
-    thermalized = results["runs"]["thermalized"]
-    assert 0.0 <= thermalized["fraction_steps_thermalized"] <= 1.0
-    assert np.isclose(results["horizon_ratio"], thermalized["stable_horizon_mean"]
-                      / max(results["runs"]["emulator"]["stable_horizon_mean"], 1.0))
+    steps, count = results["settings"]["steps"], results["settings"]["reference_trajectories"]
+    methods = results["methods"]
+    assert "emulator" in methods and any(name.startswith("thermalized, automatic") for name in methods)
+    assert any(name.startswith("fixed level") for name in methods) and any("as-is" in name for name in methods)
+    for name, entry in methods.items():
+        rows = entry["trajectories"]
+        assert len(rows) == count
+        assert all(0 <= row["stable_horizon"] <= steps + 1 for row in rows)
+        assert np.isclose(entry["summary"]["stable_horizon"], np.mean([row["stable_horizon"] for row in rows]))
+        assert entry["seconds_per_step"] > 0
+        if name != "emulator":
+            assert all(0 <= row["denoising_steps_per_step"] for row in rows)
+    automatic = next(name for name in methods if name.startswith("thermalized, automatic"))
+    assert np.isclose(results["horizon_ratios"][automatic], methods[automatic]["summary"]["stable_horizon"]
+                      / max(methods["emulator"]["summary"]["stable_horizon"], 1.0))
     assert results["classifier_cost"]["classifier_fraction"] > 0
-    assert len(results["spectra"]["solver"]) == len(results["wavenumbers"]) == 8  # shells 1..n/2 at 16²
-    assert "| thermalized |" in (out / "results.md").read_text()
+    assert set(results["calibration"]) >= {"clean_median_level", "low_level_abs_error"}
+    assert results["automatic_levels"]["s_stop"] < results["automatic_levels"]["s_init"]
+    table = (out / "results.md").read_text()
+    assert "| emulator |" in table and "| thermalized, automatic" in table
 
     # A second run finds every stage done: no training, no rollouts, the same table.
-    first = (out / "results.json").read_text()
+    first = json.loads((out / "results.json").read_text())
     emulator_mtime = (out / "emulator" / "best.pt").stat().st_mtime
-    assert script.main(["--out", str(out), "--preset", "smoke", "--device", "cpu"]) == 0
+    rollout_mtime = (out / "rollout_emulator.h5").stat().st_mtime
+    assert script.main(["--out", str(out), "--preset", "smoke", "--device", "cpu", "--diagnostics"]) == 0
     assert (out / "emulator" / "best.pt").stat().st_mtime == emulator_mtime
+    assert (out / "rollout_emulator.h5").stat().st_mtime == rollout_mtime
     again = json.loads((out / "results.json").read_text())
-    assert again["runs"]["emulator"]["stable_horizon"] == json.loads(first)["runs"]["emulator"]["stable_horizon"]
+    assert again["methods"]["emulator"]["trajectories"] == first["methods"]["emulator"]["trajectories"]

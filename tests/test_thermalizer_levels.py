@@ -80,23 +80,30 @@ def test_config_refuses_bad_options():
 
 
 def _synthetic_calibration(clean_levels, descent):
+    sampled = {level: 0.01 for level in descent}  # posterior samples: flat, never used for s_stop
     return {"summary": {"clean_q95_level": float(np.quantile(clean_levels, 0.95))},
-            "denoiser": [{"level": 30, "mse_by_level": descent}, {"level": 60, "mse_by_level": {60: 1.0, 4: 0.5}}]}
+            "denoiser": [{"level": 30, "mse_by_level": sampled, "tweedie_mse_by_level": descent},
+                         {"level": 60, "mse_by_level": {60: 1.0, 4: 0.5}, "tweedie_mse_by_level": {60: 1.0, 4: 0.5}}]}
 
 
 def test_automatic_levels_rule_on_a_synthetic_calibration():
     clean = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3] * 10)  # q95 = 3 -> s_init = 3 + 2 = 5
     # the MSE falls as the descent goes down, then the denoiser's own error takes over below level 3
-    descent = {30: 0.1, 20: 0.05, 10: 0.01, 6: 0.004, 5: 0.0031, 4: 0.00300, 3: 0.00296, 2: 0.0030, 1: 0.0032, 0: 0.004}
+    descent = {30: 0.1, 20: 0.05, 10: 0.01, 6: 0.006, 5: 0.005, 4: 0.0040, 3: 0.0031, 2: 0.0030, 1: 0.00302, 0: 0.0035}
     levels = automatic_levels(_synthetic_calibration(clean, descent))
     assert levels["s_init"] == 5
-    # below s_init the lowest MSE is 0.00296 (level 3); within 5% (<= 0.003108): levels 2, 3, 4 -> the highest
-    assert levels["s_stop"] == 4
+    # below s_init the lowest MSE is 0.0030 (level 2); within 5% (<= 0.00315): levels 1, 2, 3 -> the highest
+    assert levels["s_stop"] == 3
     strict = automatic_levels(_synthetic_calibration(clean, descent), tolerance=1.01)
-    assert strict["s_stop"] == 3
+    assert strict["s_stop"] == 2
+    assert levels["s_stop_rule"] == "tweedie"
     # a head that calls clean states level ~40 gets a high s_init; s_stop stays below it
     noisy_head = automatic_levels(_synthetic_calibration(np.full(50, 40), descent))
     assert noisy_head["s_init"] == 42 and noisy_head["s_stop"] < 42
+    # a descent that never improves (the MSE only grows as it goes down): s_stop = s_init // 2
+    worsening = {level: 0.01 + 0.001 * (30 - level) for level in range(31)}
+    fallback = automatic_levels(_synthetic_calibration(clean, worsening))
+    assert (fallback["s_init"], fallback["s_stop"]) == (5, 2) and fallback["s_stop_rule"].startswith("half")
 
 
 class OracleHead(torch.nn.Module):
@@ -122,7 +129,7 @@ def test_calibration_reports_levels_and_denoiser_numbers():
     assert set(summary) >= {"clean_median_level", "clean_q95_level", "low_level_abs_error", "denoiser_mse_s10",
                             "denoiser_mse_s30"}
     for entry in result["denoiser"]:
-        assert sorted(entry["mse_by_level"]) == list(range(4, entry["level"] + 1))
+        assert sorted(entry["mse_by_level"]) == sorted(entry["tweedie_mse_by_level"]) == list(range(0, entry["level"] + 1))
         assert entry["expected"] == pytest.approx(float(1 - SCHEDULE.alpha_bars[4]))
 
 

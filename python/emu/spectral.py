@@ -25,29 +25,37 @@ def exponential_filter(num_points: int, filter_factor: float = 23.6, cutoff: flo
     return sigma
 
 
-def isotropic_spectrum(energy_density_hat: np.ndarray, num_points: int, domain_extent: float):
-    """Sums a half-spectrum energy density over shells of integer wavenumber index.
+def isotropic_spectrum(energy_density_hat: np.ndarray, num_points: int, domain_extent: float,
+                       shell_width: float = 1.0):
+    """Sums a half-spectrum energy density over isotropic shells.
 
     Args:
         energy_density_hat: (..., n, n//2+1) nonnegative, e.g. |u_hat|^2 + |v_hat|^2 scaled so that
             its rfft-weighted sum is the domain-mean energy.
         num_points, domain_extent: the grid.
+        shell_width: width w of the shells in wavenumber index: shell m holds |index| in
+            [(m - 1/2) w, (m + 1/2) w). 1 (default) gives integer shells; sqrt(2) the bins of the
+            Thermalizer reference code (fewer, wider shells: smoother spectra at the grid scale).
 
     Returns:
-        (k, spectrum): k = shell centres in angular wavenumber (1..n//2) * 2*pi/L, spectrum summed over
-        shells |index| in [m - 1/2, m + 1/2); shape (..., n//2). The sum over all shells plus the
-        corners beyond n/2 equals the total, so spectrum.sum() <= total energy.
+        (k, spectrum): k = shell centres in angular wavenumber (1..M) * w * 2*pi/L with
+        M = floor(n/2 / w), spectrum summed over the shells; shape (..., M). Cells beyond the last
+        shell (the corners past n/2) are dropped, so spectrum.sum() <= total energy.
     """
+    if not shell_width >= 1.0:
+        raise ValueError(f"shell_width must be >= 1 (wavenumber index units), got {shell_width!r}")
     index_x = np.fft.rfftfreq(num_points, d=1.0 / num_points)[np.newaxis, :]
     index_y = np.fft.fftfreq(num_points, d=1.0 / num_points)[:, np.newaxis]
-    shell = np.rint(np.sqrt(index_x**2 + index_y**2)).astype(np.int64)
+    shell = np.floor(np.sqrt(index_x**2 + index_y**2) / shell_width + 0.5).astype(np.int64)
+    if shell_width == 1.0:
+        shell = np.rint(np.sqrt(index_x**2 + index_y**2)).astype(np.int64)  # integer shells as before
     weighted = energy_density_hat * rfft_weights(num_points)
-    n_shells = num_points // 2
-    # One-hot shell membership (cells beyond the inscribed circle, shell > n/2, are dropped).
+    n_shells = int(np.floor(num_points // 2 / shell_width + 1e-9))
+    # One-hot shell membership (cells beyond the last shell are dropped).
     membership = (shell.ravel()[:, np.newaxis] == np.arange(n_shells + 1)[np.newaxis, :]).astype(np.float64)
     flat = weighted.reshape(weighted.shape[:-2] + (-1,))
     spectrum = flat @ membership
-    k = np.arange(1, n_shells + 1) * 2.0 * np.pi / domain_extent
+    k = np.arange(1, n_shells + 1) * shell_width * 2.0 * np.pi / domain_extent
     return k, spectrum[..., 1:]
 
 

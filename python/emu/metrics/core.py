@@ -108,7 +108,7 @@ def _equation(config: SystemConfig):
     return make_equation(config, get_backend("numpy", dtype="float64"))
 
 
-def kinetic_energy_spectrum(fields, config: SystemConfig | dict, batch_size: int = 256):
+def kinetic_energy_spectrum(fields, config: SystemConfig | dict, batch_size: int = 256, shell_width: float = 1.0):
     """Isotropic kinetic energy spectrum of a batch of fields, through the system's own physics.
 
     The fields are inverted with the system's equation (`emu.systems.make_equation`, numpy
@@ -123,8 +123,8 @@ def kinetic_energy_spectrum(fields, config: SystemConfig | dict, batch_size: int
     summed over the rfft half plane with the kx = 0 and Nyquist columns counted once
     (`emu.spectral.isotropic_spectrum`). E(k) is energy per shell (a shell sum, not a density): it
     sums to the domain-mean kinetic energy 1/2 <|u|^2>, less the corner modes beyond |index| = n/2.
-    Divide by the shell width 2 pi / L for a spectral density. (methods.md describes the reference
-    code's bins of width sqrt(2); emu's equations use width-1 shells.)
+    Divide by the shell width 2 pi / L for a spectral density. `shell_width=np.sqrt(2)` gives the
+    reference code's wider bins (methods.md); the shells then hold |index| in [(m - 1/2) w, (m + 1/2) w).
 
     Args:
         fields: physical (not normalised) fields, (..., channel, n, n), channel 1 for Kolmogorov and
@@ -136,7 +136,8 @@ def kinetic_energy_spectrum(fields, config: SystemConfig | dict, batch_size: int
 
     Returns:
         (k, spectrum): k the shell centres in angular wavenumber, shape (n//2,) (1, 2, ..., n/2 for
-        Kolmogorov on [0, 2 pi); rad/m for QG); spectrum shape (..., n//2), float64.
+        Kolmogorov on [0, 2 pi); rad/m for QG), times the shell width; spectrum shape (..., shells),
+        float64, with n//2 shells of width 1 (floor(n/2 / w) of width w).
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
@@ -155,10 +156,11 @@ def kinetic_energy_spectrum(fields, config: SystemConfig | dict, batch_size: int
     spectra = []
     for start in range(0, flat.shape[0], batch_size):
         chunk = flat[start:start + batch_size]
-        k, spectrum = equation.kinetic_energy_spectrum(equation.to_state(chunk[:, 0] if channels == 1 else chunk))
+        k, spectrum = equation.kinetic_energy_spectrum(equation.to_state(chunk[:, 0] if channels == 1 else chunk),
+                                                       shell_width=shell_width)
         spectra.append(spectrum)
     spectrum = np.concatenate(spectra, axis=0)
-    return np.asarray(k), spectrum.reshape(leading + (n // 2,))
+    return np.asarray(k), spectrum.reshape(leading + (spectrum.shape[-1],))
 
 
 # -- autocorrelation --------------------------------------------------------------------------------

@@ -235,11 +235,12 @@ class KolmogorovEquation:
         velocity = self.grid.to_physical(self.backend.stack([u_hat, v_hat]))
         return self.backend.max_abs(velocity) * self.config.dt / self.grid.spacing
 
-    def kinetic_energy_spectrum(self, omega_hat):
-        """(k, E(k)): isotropic KE spectrum per sample, shells of integer wavenumber, sum = energy."""
+    def kinetic_energy_spectrum(self, omega_hat, shell_width: float = 1.0):
+        """(k, E(k)): isotropic KE spectrum per sample, shells `shell_width` wide (integer shells by
+        default; sum = energy)."""
         omega_hat = self.backend.to_numpy(omega_hat)
         n = self.grid.num_points
         k2 = self.grid.wavenumber_squared_numpy
         inverse = np.where(k2 > 0, 1.0 / np.where(k2 > 0, k2, 1.0), 0.0)
         density = 0.5 * np.abs(omega_hat) ** 2 * inverse / n**4
-        return isotropic_spectrum(density, n, self.config.domain_extent)
+        return isotropic_spectrum(density, n, self.config.domain_extent, shell_width)

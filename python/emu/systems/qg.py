@@ -269,11 +269,12 @@ class QGEquation:
         speed = max(self.backend.max_abs(u + self.background_velocity), self.backend.max_abs(v))
         return speed * self.config.dt / grid.spacing
 
-    def kinetic_energy_spectrum(self, q_hat):
-        """(k, E(k)): thickness-weighted isotropic KE spectrum per sample [k in rad/m]."""
+    def kinetic_energy_spectrum(self, q_hat, shell_width: float = 1.0):
+        """(k, E(k)): thickness-weighted isotropic KE spectrum per sample [k in rad/m], shells
+        `shell_width` wide in wavenumber index."""
         psi_hat = self.backend.to_numpy(self.streamfunction_hat(q_hat))
         n = self.grid.num_points
         density = 0.5 * np.abs(psi_hat) ** 2 * self.grid.wavenumber_squared_numpy / n**4
         w1, w2 = self.config.layer_weights
-        k, layer_spectra = isotropic_spectrum(density, n, self.config.domain_length)
+        k, layer_spectra = isotropic_spectrum(density, n, self.config.domain_length, shell_width)
         return k, w1 * layer_spectra[:, 0] + w2 * layer_spectra[:, 1]
