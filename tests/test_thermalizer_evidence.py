@@ -60,3 +60,16 @@ def test_evidence_script_smoke_run_and_resume(tmp_path, capsys):
     assert (out / "rollout_emulator.h5").stat().st_mtime == rollout_mtime
     again = json.loads((out / "results.json").read_text())
     assert again["methods"]["emulator"]["trajectories"] == first["methods"]["emulator"]["trajectories"]
+
+
+def test_evidence_script_runs_for_qg(tmp_path):
+    script = _load_script()
+    out = tmp_path / "evidence-qg"
+    assert script.main(["--out", str(out), "--system", "qg", "--preset", "smoke", "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["system"] == "qg" and results["preset"] == "smoke-qg"
+    assert {"emulator"} < set(results["methods"])
+    for entry in results["methods"].values():
+        assert len(entry["trajectories"]) == results["settings"]["reference_trajectories"]
+    assert "Thermalizer evidence (qg)" in (out / "results.md").read_text()
+    assert (out / "spectra.png").stat().st_size > 0

@@ -181,3 +181,12 @@ def test_stabilizer_protocol_and_records():
         with pytest.raises(ValueError, match="METHOD:CHECKPOINT"):
             parse_spec(bad)
     assert math.isfinite(float(state.sum()))
+
+
+def test_presets_fill_the_level_options_left_unset():
+    small = ThermalizerTrainingConfig(data="d")
+    assert (small.level_sampling, small.level_target, small.snapshot_stride) == ("mixture", "gaussian", 4)
+    paper = ThermalizerTrainingConfig(data="d", preset="paper")
+    assert (paper.level_sampling, paper.level_target, paper.snapshot_stride) == ("uniform", "categorical", 1)
+    mixed = ThermalizerTrainingConfig(data="d", preset="paper", level_target="gaussian", snapshot_stride=2)
+    assert (mixed.level_sampling, mixed.level_target, mixed.snapshot_stride) == ("uniform", "gaussian", 2)

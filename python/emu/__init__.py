@@ -5,7 +5,10 @@ Layers (imports point one way only):
               `emu.diagnostics` (numpy/torch arrays, no torch.nn)
   learning  - `emu.models` (torch.nn networks; imports nothing else from emu)
   data      - `emu.data` (HDF5 files, torch loaders)
-  joining   - `emu.runs`, `emu.generate`, `emu.training` (solvers + files, models + data)
+  sampling  - `emu.diffusion` (schedules, DDPM step, level sampling and targets; no networks)
+  joining   - `emu.runs`, `emu.generate`, `emu.training` (solvers + files, models + data),
+              `emu.stabilizers` (one module per method: objective, inference, calibration),
+              `emu.evaluation` (the harness that judges stabilisers side by side)
   cli       - `emu.cli` (click)
 
 Importing emu is cheap: torch, juliacall and CuPy are imported only when a backend needs them.

@@ -518,17 +518,18 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 @click.option("--levels", "num_levels", type=int, default=1000, show_default=True, help="Diffusion levels T (cosine schedule).")
 @click.option("--classifier-weight", type=float, default=1.0, show_default=True, help="Weight of the level cross-entropy.")
 @click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
-@click.option("--level-sampling", type=click.Choice(["uniform", "mixture"]), default="uniform", show_default=True,
+@click.option("--level-sampling", type=click.Choice(["uniform", "mixture"]), default=None,
               help="Training levels: uniform over all (paper), or a mixture with --low-level-fraction of each batch "
-                   "below --low-level-max.")
+                   "below --low-level-max. [default: the preset's: small mixture, paper uniform]")
 @click.option("--low-level-fraction", type=float, default=0.5, show_default=True)
 @click.option("--low-level-max", type=int, default=50, show_default=True)
-@click.option("--level-target", type=click.Choice(["categorical", "gaussian"]), default="categorical",
-              show_default=True, help="Level loss: one-hot cross-entropy (paper) or against a target smoothed in "
-                                      "log SNR (width --level-target-width).")
+@click.option("--level-target", type=click.Choice(["categorical", "gaussian"]), default=None,
+              help="Level loss: one-hot cross-entropy (paper) or against a target smoothed in log SNR (width "
+                   "--level-target-width). [default: the preset's: small gaussian, paper categorical]")
 @click.option("--level-target-width", type=float, default=0.25, show_default=True)
-@click.option("--snapshot-stride", type=int, default=1, show_default=True,
-              help="Train on every k-th stored snapshot of each trajectory (decorrelated samples).")
+@click.option("--snapshot-stride", type=int, default=None,
+              help="Train on every k-th stored snapshot of each trajectory (decorrelated samples). "
+                   "[default: the preset's: small 4, paper 1]")
 @training_options(batch_size=64, lr=2e-4, out="thermalizer", max_grad_norm=1.0)
 def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, level_sampling, low_level_fraction,
                 low_level_max, level_target, level_target_width, snapshot_stride, epochs, batch_size, lr, weight_decay,
