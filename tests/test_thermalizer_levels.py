@@ -190,3 +190,19 @@ def test_presets_fill_the_level_options_left_unset():
     assert (paper.level_sampling, paper.level_target, paper.snapshot_stride) == ("uniform", "categorical", 1)
     mixed = ThermalizerTrainingConfig(data="d", preset="paper", level_target="gaussian", snapshot_stride=2)
     assert (mixed.level_sampling, mixed.level_target, mixed.snapshot_stride) == ("uniform", "gaussian", 2)
+
+
+def test_blown_up_states_are_flagged_not_called_clean():
+    state = torch.randn(3, 1, 8, 8)
+    state[1, 0, 2, 3] = float("nan")
+    state[2] = float("inf")
+
+    def classify(x):  # as a network does: NaN in, NaN logits out (whose argmax is 0)
+        logits = torch.nn.functional.one_hot(torch.tensor([2, 0, 0]), 1000).float()
+        logits[1:] = float("nan")
+        return logits
+
+    result = thermalize(state, classify, lambda x: torch.zeros_like(x), SCHEDULER, s_init=7, s_stop=4)
+    assert result.predicted_level.tolist() == [2, 999, 999]
+    assert result.runaway.tolist() == [False, True, True]
+    assert result.steps_applied.tolist() == [0, 0, 0]  # nothing brings NaN back: no denoising spent on it

@@ -142,9 +142,13 @@ def thermalize(state: torch.Tensor, classify: Callable[[torch.Tensor], torch.Ten
             raise ValueError(f"runaway_level must be an integer in [s_init = {s_init}, {scheduler.num_levels - 1}], "
                              f"got {runaway_level!r}")
         predicted = classify(state).argmax(dim=-1).to(torch.int64)
+        # A blown-up state (NaN/inf) gives NaN logits, whose argmax is level 0, "clean": record it as
+        # the top level and a runaway instead, and leave it alone (no denoising brings NaN back).
+        blown_up = ~torch.isfinite(state.flatten(1)).all(dim=1)
+        predicted = torch.where(blown_up, torch.full_like(predicted, scheduler.num_levels - 1), predicted)
         runaway = predicted > runaway_level
         start = predicted.clamp(max=runaway_level)
-        chosen = torch.nonzero(predicted > s_init).flatten()
+        chosen = torch.nonzero((predicted > s_init) & ~blown_up).flatten()
     steps = torch.zeros(batch, dtype=torch.int64, device=state.device)
     if chosen.numel() == 0:
         return Thermalized(state, predicted, steps, runaway)
