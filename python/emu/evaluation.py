@@ -184,7 +184,8 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
     results = {"emulator": str(emulator), "reference": str(reference), "trajectories": trajectories, "steps": steps,
                "decorrelated_mse": decorrelated, "mse_threshold": threshold, "max_lag": max_lag,
                "spectrum_goal": SPECTRUM_GOAL, "methods": {}}
-    arrays = {"solver": {"fields": solver_fields}, "solver_spectra": solver_spectra, "solver_band": solver_band}
+    arrays = {"solver": {"fields": solver_fields}, "solver_spectra": solver_spectra, "solver_band": solver_band,
+              "config": config}
     for name, options in methods.items():
         path = out / f"rollout_{slug(name)}.h5"
         timing = path.with_suffix(".seconds")
@@ -366,13 +367,12 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
     figure, axis = plt.subplots(figsize=(6, 4.5))
     axis.fill_between(k, reference / SPECTRUM_GOAL, reference * SPECTRUM_GOAL, color="0.85", label="solver x/÷ 1.5")
     axis.loglog(k, reference, color="k", label="solver")
-    config = None
+    config = arrays["config"]
     for name in names:
         fields = arrays[name]["fields"][:, steps // 2 + 1:]
         finite = fields.reshape(-1, *fields.shape[2:])
         finite = finite[np.all(np.isfinite(finite), axis=(1, 2, 3))]
         if len(finite):
-            config = config or read_rollout_config(results)
             spectrum = kinetic_energy_spectrum(finite[::max(1, len(finite) // 400)], config,
                                                shell_width=SHELL_WIDTHS["sqrt2"])[1].mean(axis=0)
             axis.loglog(k, np.where(spectrum > 0, spectrum, np.nan), color=colors[name], label=name)
@@ -388,9 +388,3 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
     paths.append(out / "spectra.png")
     plt.close(figure)
     return paths
-
-
-def read_rollout_config(results: dict) -> dict:
-    from emu.data.well import split_files
-
-    return read_rollout(split_files(results["reference"], "test")[0])["config"]

@@ -46,9 +46,8 @@ def isotropic_spectrum(energy_density_hat: np.ndarray, num_points: int, domain_e
         raise ValueError(f"shell_width must be >= 1 (wavenumber index units), got {shell_width!r}")
     index_x = np.fft.rfftfreq(num_points, d=1.0 / num_points)[np.newaxis, :]
     index_y = np.fft.fftfreq(num_points, d=1.0 / num_points)[:, np.newaxis]
+    # floor(r / w + 1/2); for w = 1 this is rint(r) (an integer |index|^2 is never (m + 1/2)^2, so no ties)
     shell = np.floor(np.sqrt(index_x**2 + index_y**2) / shell_width + 0.5).astype(np.int64)
-    if shell_width == 1.0:
-        shell = np.rint(np.sqrt(index_x**2 + index_y**2)).astype(np.int64)  # integer shells as before
     weighted = energy_density_hat * rfft_weights(num_points)
     n_shells = int(np.floor(num_points // 2 / shell_width + 1e-9))
     # One-hot shell membership (cells beyond the last shell are dropped).
