@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from emu.backends import BACKENDS, DTYPES, BackendUnavailable
+from emu.errors import UserError
 from emu.systems import SYSTEMS
 from emu.systems.base import ConfigError
 
@@ -435,7 +436,7 @@ def merge(path, out, allow_partial, copy_fields):
 
 @main.group()
 def train():
-    """Train models: emulators and the Thermalizer's diffusion model."""
+    """Train models: emulators and the stabilisers' diffusion models (Thermalizer, SNS)."""
 
 
 def training_options(*, batch_size: int, lr: float, out: str, max_grad_norm: float | None = None):
@@ -487,6 +488,29 @@ def _run_training(train_function, config_class, out, resume, overwrite, progress
     click.echo("wrote " + ", ".join(written))
 
 
+def level_options(command):
+    """The level options the Thermalizer's classifier and SNS's heads share (emu.stabilizers.levels)."""
+    options = [
+        click.option("--levels", "num_levels", type=int, default=1000, show_default=True,
+                     help="Diffusion levels T (cosine schedule)."),
+        click.option("--level-sampling", type=click.Choice(["uniform", "mixture"]), default=None,
+                     help="Training levels: uniform over all (paper), or a mixture with --low-level-fraction of each "
+                          "batch below --low-level-max. [default: the preset's: small mixture, paper uniform]"),
+        click.option("--low-level-fraction", type=float, default=0.5, show_default=True),
+        click.option("--low-level-max", type=int, default=50, show_default=True),
+        click.option("--level-target", type=click.Choice(["categorical", "gaussian"]), default=None,
+                     help="Level loss: one-hot cross-entropy (paper) or against a target smoothed in log SNR (width "
+                          "--level-target-width). [default: the preset's: small gaussian, paper categorical]"),
+        click.option("--level-target-width", type=float, default=0.25, show_default=True),
+        click.option("--snapshot-stride", type=int, default=None,
+                     help="Train on every k-th stored snapshot of each trajectory (decorrelated samples). "
+                          "[default: the preset's: small 4, paper 1]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @train.command()
 @click.option("--arch", type=click.Choice(["unet", "drn"]), default="drn", show_default=True)
 @click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
@@ -515,21 +539,9 @@ def emulator(data_dir, arch, preset, unroll, noise, epochs, batch_size, lr, weig
 
 @train.command()
 @click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
-@click.option("--levels", "num_levels", type=int, default=1000, show_default=True, help="Diffusion levels T (cosine schedule).")
 @click.option("--classifier-weight", type=float, default=1.0, show_default=True, help="Weight of the level cross-entropy.")
 @click.option("--ema", "ema_decay", type=float, default=0.995, show_default=True, help="Weight EMA decay (0: off).")
-@click.option("--level-sampling", type=click.Choice(["uniform", "mixture"]), default=None,
-              help="Training levels: uniform over all (paper), or a mixture with --low-level-fraction of each batch "
-                   "below --low-level-max. [default: the preset's: small mixture, paper uniform]")
-@click.option("--low-level-fraction", type=float, default=0.5, show_default=True)
-@click.option("--low-level-max", type=int, default=50, show_default=True)
-@click.option("--level-target", type=click.Choice(["categorical", "gaussian"]), default=None,
-              help="Level loss: one-hot cross-entropy (paper) or against a target smoothed in log SNR (width "
-                   "--level-target-width). [default: the preset's: small gaussian, paper categorical]")
-@click.option("--level-target-width", type=float, default=0.25, show_default=True)
-@click.option("--snapshot-stride", type=int, default=None,
-              help="Train on every k-th stored snapshot of each trajectory (decorrelated samples). "
-                   "[default: the preset's: small 4, paper 1]")
+@level_options
 @training_options(batch_size=64, lr=2e-4, out="thermalizer", max_grad_norm=1.0)
 def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, level_sampling, low_level_fraction,
                 low_level_max, level_target, level_target_width, snapshot_stride, epochs, batch_size, lr, weight_decay,
@@ -547,6 +559,39 @@ def thermalizer(data_dir, preset, num_levels, classifier_weight, ema_decay, leve
                   level_sampling=level_sampling, low_level_fraction=low_level_fraction, low_level_max=low_level_max,
                   level_target=level_target, level_target_width=level_target_width, snapshot_stride=snapshot_stride,
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
+                  compile=compile_model, seed=seed, num_workers=workers, device=device, max_grad_norm=max_grad_norm)
+
+
+@train.command()
+@click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True)
+@click.option("--classifier-weight", type=float, default=0.1, show_default=True,
+              help="Weight of each head's level cross-entropy (the paper's 0.1).")
+@click.option("--ema", "ema_decay", type=float, default=0.999, show_default=True, help="Weight EMA decay (0: off).")
+@click.option("--anchor-lag", type=int, default=10, show_default=True,
+              help="Snapshots between the clean anchor frame and the current one in training (the paper: 100 on QG); "
+                   "the anchor in rollouts is the trajectory's initial state.")
+@click.option("--no-anchor", is_flag=True, help="Train without the anchor frame: inputs (x_{t-1}, x_t) only.")
+@level_options
+@training_options(batch_size=64, lr=2e-4, out="sns", max_grad_norm=1.0)
+def sns(data_dir, preset, classifier_weight, ema_decay, anchor_lag, no_anchor, num_levels, level_sampling,
+        low_level_fraction, low_level_max, level_target, level_target_width, snapshot_stride, epochs, batch_size, lr,
+        weight_decay, schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, overwrite,
+        progress):
+    """Train SNS: a conditional diffusion model of (previous, current) pairs noised to two independent
+    levels, with a noise-level head per frame (paper eq. 4).
+
+    \b
+    python -m emu.cli train sns --data data/ --preset small --epochs 1 --out sns/
+    torchrun --nproc-per-node 2 -m emu.cli train sns --data data/ --epochs 1 --out sns2/
+    """
+    from emu.stabilizers.sns import SNSTrainingConfig, train_sns
+
+    _run_training(train_sns, SNSTrainingConfig, out, resume, overwrite, progress, data=str(data_dir), preset=preset,
+                  num_levels=num_levels, classifier_weight=classifier_weight, ema_decay=ema_decay,
+                  anchor=not no_anchor, anchor_lag=anchor_lag, level_sampling=level_sampling,
+                  low_level_fraction=low_level_fraction, low_level_max=low_level_max, level_target=level_target,
+                  level_target_width=level_target_width, snapshot_stride=snapshot_stride, epochs=epochs,
+                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, amp=amp,
                   compile=compile_model, seed=seed, num_workers=workers, device=device, max_grad_norm=max_grad_norm)
 
 
@@ -603,29 +648,52 @@ def tune_thermalizer_command(emulator_checkpoint, thermalizer_checkpoint, init, 
               help="Thermalizer diagnostic: thermalize every step from this level, without the classifier.")
 @click.option("--no-fresh-noise", is_flag=True,
               help="Thermalizer diagnostic: denoise the state as it is, without re-noising it to its predicted level.")
-@click.option("--s-init", type=int, default=None, help="Thermalize where the predicted level exceeds this. "
-              "[default: tuned pair beside the checkpoint, else 7]")
-@click.option("--s-stop", type=int, default=None, help="Denoise down to this level. [default: tuned, else 4]")
-@click.option("--runaway-level", type=int, default=100, show_default=True,
-              help="Predicted levels above this are flagged and corrected from this level.")
+@click.option("--s-init", type=int, default=None, help="Thermalizer: thermalize where the predicted level exceeds "
+              "this. [default: the pair in thermalizer_levels.json beside the checkpoint, else 7]")
+@click.option("--s-stop", type=int, default=None, help="Thermalizer: denoise down to this level. [default: as --s-init, else 4]")
+@click.option("--sns-path", type=click.Choice(["A", "B", "C"]), default=None,
+              help="SNS traversal of the (previous, current) noise-level plane: A previous frame first (the paper's "
+                   "best), B current first, C equalise then diagonal. [default: A]")
+@click.option("--activation-threshold", type=int, default=None,
+              help="SNS: leave samples whose two predicted levels are both below this (the paper: 5 on QG). [default: none]")
+@click.option("--sns-mode", type=click.Choice(["refine", "generate"]), default=None,
+              help="SNS: refine the emulator's output (Algorithm 1), or generate each state from pure noise "
+                   "conditioned on the previous one (Algorithm 2; 1000 network calls a step). [default: refine]")
+@click.option("--runaway-level", type=int, default=None,
+              help="Predicted levels above this are flagged and corrected from this level. [default: thermalizer "
+                   "100, sns 200]")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, seed, device, out, stabilizer,
-            thermalizer, fixed_level, no_fresh_noise, s_init, s_stop, runaway_level, progress):
+            thermalizer, fixed_level, no_fresh_noise, s_init, s_stop, sns_path, activation_threshold, sns_mode,
+            runaway_level, progress):
     """Roll an emulator out from dataset initial states (optionally thermalized); streams the states to HDF5.
 
     \b
     python -m emu.cli rollout --emulator run/last.pt --init data/ --trajectories 1 --steps 20 --out r.h5
     python -m emu.cli rollout --emulator run/last.pt --thermalizer th/last.pt --s-init 7 --s-stop 4 --init data/ --trajectories 1 --steps 20 --out rt.h5
+    python -m emu.cli rollout --emulator run/last.pt --stabilizer sns:sns/last.pt --init data/ --trajectories 1 --steps 20 --out rs.h5
 
     --split must hold data (no fallback to another split); a damaged or non-plain checkpoint is refused.
     """
     from emu.training.rollouts import rollout_to_file
 
+    method = "thermalizer" if thermalizer else (stabilizer or "").partition(":")[0]
+    given = {"thermalizer": {"--fixed-level": fixed_level, "--no-fresh-noise": no_fresh_noise or None,
+                             "--s-init": s_init, "--s-stop": s_stop},
+             "sns": {"--sns-path": sns_path, "--activation-threshold": activation_threshold, "--sns-mode": sns_mode}}
+    for owner, flags in given.items():
+        misplaced = [flag for flag, value in flags.items() if value is not None and method != owner]
+        if misplaced:
+            raise UserError(f"{', '.join(misplaced)} {'is a' if len(misplaced) == 1 else 'are'} {owner} "
+                            f"option{'s' if len(misplaced) > 1 else ''}: use {'it' if len(misplaced) == 1 else 'them'} "
+                            f"with --stabilizer {owner}:CKPT" + (" (or --thermalizer CKPT)" if owner == "thermalizer" else ""))
+    options = {"fixed_level": fixed_level, "fresh_noise": False if no_fresh_noise else None, "path": sns_path,
+               "activation_threshold": activation_threshold, "mode": sns_mode}
     result = rollout_to_file(checkpoint, init, out, trajectories=trajectories, steps=steps, split=split,
                              divergence_threshold=divergence_threshold, device=device, seed=seed, progress=progress,
                              stabilizer=stabilizer, thermalizer=thermalizer, s_init=s_init, s_stop=s_stop,
                              runaway_level=runaway_level,
-                             stabilizer_options={"fixed_level": fixed_level, "fresh_noise": not no_fresh_noise})
+                             stabilizer_options={k: v for k, v in options.items() if v is not None})
     mse = result["mse"]
     diverged = [int(d) for d in result["diverged_at"]]
     # A few steps on a log scale: the whole curve is in the file (emu/mse), not on the terminal.
@@ -636,14 +704,24 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
     if shown:
         click.echo("mean MSE vs solver (normalised): " + ", ".join(f"step {s}: {mean_mse[s]:.3g}" for s in shown))
     click.echo(f"diverged at: {diverged} (-1 = never)")
-    if "denoising_steps" in result:
+    if "skipped" in result:  # SNS
+        evaluations, skipped = result["denoising_steps"][:, 1:], result["skipped"][:, 1:]
+        click.echo(f"refined {int((evaluations > 0).sum())} of {evaluations.size} sample-steps with "
+                   f"{int(evaluations.sum())} network evaluations ({evaluations.mean():.1f} per sample-step); skipped "
+                   f"{int(skipped.sum())} of {skipped.size} sample-steps (--activation-threshold); median predicted "
+                   f"levels: previous {float(np.median(result['previous_level'][:, 1:])):.0f}, current "
+                   f"{float(np.median(result['predicted_level'][:, 1:])):.0f}")
+        if result["runaway"][:, 1:].any():
+            click.echo(f"warning: {int(result['runaway'][:, 1:].sum())} sample-steps had a predicted level above "
+                       "--runaway-level or a non-finite state (flagged in emu/runaway)", err=True)
+    elif "denoising_steps" in result:
         applied = result["denoising_steps"][:, 1:]
         runaway = result["runaway"][:, 1:]
         click.echo(f"thermalized {int((applied > 0).sum())} of {applied.size} sample-steps, "
                    f"{int(applied.sum())} denoising steps in all; median predicted level "
                    f"{float(np.median(result['predicted_level'][:, 1:])):.0f}")
         if runaway.any():
-            click.echo(f"warning: predicted level ran away (> {runaway_level}) in {int(runaway.sum())} sample-steps "
+            click.echo(f"warning: predicted level ran away (> {runaway_level or 100}) in {int(runaway.sum())} sample-steps "
                        "(flagged in emu/runaway; corrected from --runaway-level)", err=True)
 
 

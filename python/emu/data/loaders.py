@@ -3,10 +3,11 @@
     normalizer = Normalizer.from_dataset("data/")          # per-channel training-split statistics
     windows = TrajectoryWindows("data/", split="train", unroll=3, normalizer=normalizer)
     frames = Snapshots("data/", split="train", snapshots="first", normalizer=normalizer)
+    triplets = FrameGroups("data/", split="train", offsets=(-10, -1, 0), normalizer=normalizer)  # SNS
     loader = torch.utils.data.DataLoader(windows, batch_size=32, shuffle=True, num_workers=4)
 
 Items are float32 tensors in emu's layout: a window is (unroll + 1, channel, y, x), a snapshot is
-(channel, y, x). Files are opened on first use in each process (never shared across a fork), and only
+(channel, y, x), a frame group (len(offsets), channel, y, x). Files are opened on first use in each process (never shared across a fork), and only
 the requested slices are read, so memory does not grow with the dataset.
 """
 
@@ -177,3 +178,46 @@ class Snapshots(_H5Files):
     def __getitem__(self, item: int) -> torch.Tensor:
         file_index, trajectory, step = self.index[item]
         return self._read(file_index, trajectory, step)
+
+
+class FrameGroups(_H5Files):
+    """Groups of snapshots at fixed offsets from a current one, (len(offsets), channel, y, x).
+
+    SNS trains on (anchor, previous, current) = snapshots (t - lag, t - 1, t), offsets (-lag, -1, 0);
+    without an anchor on (t - 1, t), offsets (-1, 0). The groups are read from the same trajectory
+    files as every other loader (no separate pair files).
+
+    Args:
+        offsets: strictly increasing integers ending at 0, relative to the current snapshot t.
+        stride: distance between the current snapshots of consecutive groups of one trajectory
+            (decorrelated samples, as `Snapshots`' stride); t runs over -offsets[0], -offsets[0] + stride, ...
+    """
+
+    def __init__(self, directory, split: str = "train", offsets=(-1, 0), normalizer: Normalizer | None = None,
+                 stride: int = 1):
+        super().__init__(directory, split, normalizer)
+        offsets = tuple(offsets)
+        if (not offsets or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets) or offsets[-1] != 0
+                or any(b <= a for a, b in zip(offsets, offsets[1:]))):
+            raise ValueError(f"offsets must be strictly increasing integers ending at 0, e.g. (-10, -1, 0); got {offsets!r}")
+        if not (isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+        steps = self.shapes[0][1]
+        reach = -offsets[0]
+        if reach >= steps:
+            raise ValueError(f"offsets reach {reach} snapshots back, but trajectories hold {steps} snapshots: "
+                             f"the earliest offset must be > -{steps}")
+        self.offsets = offsets
+        currents = range(reach, steps, stride)
+        self.index = [(f, t, s) for f, shape in enumerate(self.shapes) for t in range(shape[0]) for s in currents]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        file_index, trajectory, current = self.index[item]
+        # One slice read over the group's span, then the wanted frames: h5py reads a contiguous
+        # slice of a chunked dataset faster than a point list.
+        start = current + self.offsets[0]
+        span = self._read(file_index, trajectory, slice(start, current + 1))
+        return span[[offset - self.offsets[0] for offset in self.offsets]]

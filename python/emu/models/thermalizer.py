@@ -59,6 +59,57 @@ from torch import nn
 from emu.models.unet import Activation, UNet, circular_conv3x3, make_activation
 
 
+def level_head(width: int, bottleneck_size: int, head_channels: int, hidden: int, num_levels: int,
+               activation: Activation = "gelu") -> nn.Sequential:
+    """The noise-level classifier head on a (B, width, n, n) bottleneck, n = bottleneck_size; -> (B, num_levels).
+
+        act, 3x3 circular conv width -> width, act, 1x1 conv width -> head_channels, flatten,
+        Linear head_channels * n² -> hidden, act, Linear hidden -> num_levels
+
+    Shared by ThermalizerUNet (one head) and emu.models.sns.SNSUNet (one per noised frame); its
+    Sequential indices (0 ... 7) are the state_dict keys of saved thermalizers.
+    """
+    # The head reads the bottleneck raw: the middle block's output is a residual sum that no
+    # activation has touched yet, hence the leading activation (pre-activation, as in the UNet).
+    return nn.Sequential(
+        make_activation(activation),
+        circular_conv3x3(width, width),
+        make_activation(activation),
+        nn.Conv2d(width, head_channels, kernel_size=1),
+        nn.Flatten(),
+        nn.Linear(head_channels * bottleneck_size**2, hidden),
+        make_activation(activation),
+        nn.Linear(hidden, num_levels),
+    )
+
+
+def check_head_arguments(num_levels: int, head_channels: int, head_hidden: int | None) -> None:
+    """ValueError unless num_levels, head_channels and head_hidden (None: num_levels) are integers >= 1."""
+    for name, value in (("num_levels", num_levels), ("head_channels", head_channels),
+                        ("head_hidden", num_levels if head_hidden is None else head_hidden)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+
+
+def check_grid_input(x: torch.Tensor, channels: int, grid_size: int, layout: str = "") -> None:
+    """ValueError unless x is (batch, channels, grid_size, grid_size); `layout` describes the channels."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"expected input (batch, {channels}, {grid_size}, {grid_size}){layout}, got {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) != (grid_size, grid_size):
+        # The fully convolutional UNet would accept it; the head's Linear layer would not, with a
+        # shape error that names neither grid.
+        raise ValueError(f"input grid {tuple(x.shape[-2:])} differs from grid_size "
+                         f"({grid_size}, {grid_size}) the classifier head was built for")
+
+
+def check_grid_size(grid_size: int, factor: int) -> None:
+    """ValueError unless grid_size is a positive multiple of the UNet's downsampling factor."""
+    if int(grid_size) != grid_size or grid_size < factor or grid_size % factor:
+        raise ValueError(
+            f"grid_size must be a positive multiple of the UNet's downsampling factor {factor} "
+            f"(2**(len(channel_multipliers) - 1)), got {grid_size}")
+
+
 class ThermalizerUNet(nn.Module):
     """UNet denoiser plus noise-level classifier; (B, C_in, N, N) -> (ε̂ (B, C_out, N, N), logits (B, L)).
 
@@ -70,8 +121,10 @@ class ThermalizerUNet(nn.Module):
         num_levels: L, the number of noise levels the head classifies (the schedule's T = 1000).
         head_hidden: width of the head's hidden Linear layer; None means num_levels (the paper).
         head_channels: channels of the 1x1 conv before flattening (16 in the paper: 16 x 16² = 4096).
-        hidden_channels, channel_multipliers, blocks_per_level, middle_blocks, activation: the UNet's
-            (emu.models.unet.UNet); there is no time embedding.
+        hidden_channels, channel_multipliers, blocks_per_level, middle_blocks, activation, attention,
+            attention_heads: the UNet's (emu.models.unet.UNet); there is no time embedding. The
+            Thermalizer paper uses no attention; the config records the two attention keys only when
+            attention is on, so configs saved before they existed read the same.
 
     `forward(x)` gives (predicted_noise, logits); `classify(x)` the logits alone without running the
     decoder; `predict_level(x)` the argmax level per sample. `config` holds every constructor argument
@@ -94,57 +147,38 @@ class ThermalizerUNet(nn.Module):
         blocks_per_level: int = 2,
         middle_blocks: int = 2,
         activation: Activation = "gelu",
+        attention: bool = False,
+        attention_heads: int = 4,
     ):
         super().__init__()
-        for name, value in (("num_levels", num_levels), ("head_channels", head_channels),
-                            ("head_hidden", num_levels if head_hidden is None else head_hidden)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value}")
+        check_head_arguments(num_levels, head_channels, head_hidden)
         # The UNet validates its own arguments (and gives the downsampling factor grid_size must meet).
         self.unet = UNet(in_channels, out_channels, hidden_channels=hidden_channels,
                          channel_multipliers=channel_multipliers, blocks_per_level=blocks_per_level,
-                         middle_blocks=middle_blocks, activation=activation)
+                         middle_blocks=middle_blocks, activation=activation, attention=attention,
+                         attention_heads=attention_heads)
         factor = self.unet.downsampling_factor
-        if int(grid_size) != grid_size or grid_size < factor or grid_size % factor:
-            raise ValueError(
-                f"grid_size must be a positive multiple of the UNet's downsampling factor {factor} "
-                f"(2**(len(channel_multipliers) - 1)), got {grid_size}")
+        check_grid_size(grid_size, factor)
+        # Without attention the attention keys are left out: the config (and every checkpoint's) then
+        # reads exactly as before attention existed, and make_model's defaults rebuild the same network.
+        skipped = {"arch", "preset", "in_channels", "out_channels"} | (
+            set() if attention else {"attention", "attention_heads"})
         self.config = {
             "arch": self.arch, "preset": None, "in_channels": in_channels, "out_channels": out_channels,
             "grid_size": grid_size, "num_levels": num_levels, "head_hidden": head_hidden,
-            "head_channels": head_channels, **{key: value for key, value in self.unet.config.items()
-                                               if key not in ("arch", "preset", "in_channels", "out_channels")},
+            "head_channels": head_channels,
+            **{key: value for key, value in self.unet.config.items() if key not in skipped},
         }
         self.in_channels, self.out_channels = in_channels, out_channels
         self.grid_size, self.num_levels = grid_size, num_levels
         self.downsampling_factor = factor
         self.bottleneck_channels = self.unet.bottleneck_channels
 
-        width = self.bottleneck_channels
-        bottleneck_size = grid_size // factor
-        hidden = num_levels if head_hidden is None else head_hidden
-        # The head reads the bottleneck raw: the middle block's output is a residual sum that no
-        # activation has touched yet, hence the leading activation (pre-activation, as in the UNet).
-        self.head = nn.Sequential(
-            make_activation(activation),
-            circular_conv3x3(width, width),
-            make_activation(activation),
-            nn.Conv2d(width, head_channels, kernel_size=1),
-            nn.Flatten(),
-            nn.Linear(head_channels * bottleneck_size**2, hidden),
-            make_activation(activation),
-            nn.Linear(hidden, num_levels),
-        )
+        self.head = level_head(self.bottleneck_channels, grid_size // factor, head_channels,
+                               num_levels if head_hidden is None else head_hidden, num_levels, activation)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (batch, {self.in_channels}, {self.grid_size}, {self.grid_size}), "
-                             f"got {tuple(x.shape)}")
-        if tuple(x.shape[-2:]) != (self.grid_size, self.grid_size):
-            # The fully convolutional UNet would accept it; the head's Linear layer would not, with a
-            # shape error that names neither grid.
-            raise ValueError(f"input grid {tuple(x.shape[-2:])} differs from grid_size "
-                             f"({self.grid_size}, {self.grid_size}) the classifier head was built for")
+        check_grid_input(x, self.in_channels, self.grid_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted noise ε̂ (B, C_out, N, N), noise-level logits (B, num_levels)) for x (B, C_in, N, N)."""

@@ -14,10 +14,27 @@ Architecture (defaults; every number is a constructor argument):
       output       GELU, 3x3 conv 64 -> C_out                             C_out x 64²
 
 A residual block is pre-activation without normalisation: h = conv(GELU(conv(GELU(x)))) + shortcut(x),
-the shortcut a 1x1 conv where the width changes. `channel_multipliers` are cumulative, as in
+the shortcut a 1x1 conv where the width changes. Its two convs may take per-channel biases from outside
+(`ResidualBlock.forward(x, biases)`, `UNet.decode(..., biases)`): how SNS (emu.models.sns) tells the
+decoder the noise levels its heads read off the bottleneck. `channel_multipliers` are cumulative, as in
 PDEArena: level i has width hidden_channels * prod(multipliers[:i+1]), so (2, 2, 2) gives
 64 -> 128 -> 256 -> 512, and there are len(multipliers) - 1 downsamplings (16² bottleneck at 64²).
 Every skip (the projection and each encoder module's output) is consumed once by the decoder.
+
+Attention (`attention=True`; off by default, and then every parameter and state_dict key is as
+above). Every residual block at the coarsest level (that level's encoder blocks, the middle blocks
+and the decoder blocks of that level: 2 + 2 + 3 = 7 by default, at 16² for a 64² input) is followed
+by multi-head self-attention over its H*W positions, added residually:
+
+    y = x + W_o · softmax(Q Kᵀ / √d) V,    Q, K, V = W_q, W_k, W_v · GroupNorm(1, C)(x)   (per head)
+
+with 1x1 convolutions for W_q, W_k, W_v, W_o. Why: convolutions see a few cells at a time, while
+attention couples every pair of positions in one layer, and at the coarsest level there are few
+positions (256 at 16²), so that costs little. The SNS paper adds it at the bottleneck of its QG noise
+model, which "did not work well without this addition". There is no positional encoding, so attention
+is equivariant under any permutation of positions, and the network keeps its periodic translation
+equivariance. GroupNorm(1, C) normalises each sample over all its channels and positions, so, unlike
+batch statistics, it couples no two samples, and the residual path carries the unnormalised amplitude.
 
 Periodicity. Every convolution pads circularly (the fields live on a doubly periodic domain), and so
 does the upsampling: PyTorch's ConvTranspose2d only pads with zeros, so `CircularUpsample` pads its
@@ -26,7 +43,8 @@ result. With that the network commutes with translations by multiples of its `do
 (2**(levels - 1) = 4 by default); strided convolutions break equivariance for other shifts.
 
 Parameter count for one channel in and out, paper preset: 45,820,801 (methods.md's "≈46M"; the
-Thermalizer paper quotes 48M). The reference code's transposed conv pads with zeros; emu's is
+Thermalizer paper quotes 48M); attention adds 4C² + 6C per attended block of width C (6,573,568
+for the paper's seven blocks: six of width 512 and the decoder's last 16² block, 256). The reference code's transposed conv pads with zeros; emu's is
 circular with the same weights, so the count is the same.
 
 References:
@@ -34,6 +52,9 @@ References:
     (PDEArena; `pdearena/modules/twod_unet.py`, the "modern UNet").
     Pedersen, Zanna & Bruna (2025), "Thermalizer: stable autoregressive neural emulation of
     spatiotemporal chaos" (ICML; this UNet with circular padding as emulator and as denoiser).
+    Vaswani et al. (2017), "Attention is all you need" (scaled dot-product multi-head attention).
+    "Towards Infinitely Long Neural Simulations: Self-Refining Neural Surrogate Models" (SNS;
+    appendix: attention at the bottleneck of the QG model).
 """
 
 from __future__ import annotations
@@ -61,14 +82,52 @@ def circular_conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, padding_mode="circular")
 
 
+class SelfAttention2d(nn.Module):
+    """Pre-norm multi-head self-attention over the H*W positions of a feature map, added residually.
+
+        y = x + proj(attention(norm(x))),   attention = softmax(Q Kᵀ / √d) V per head, d = C / heads
+
+    norm is GroupNorm(1, C) (per sample, over all channels and positions); q, k, v and proj are 1x1
+    convolutions. No positional encoding: permuting the positions of x permutes those of y, so periodic
+    translations commute with it. 4C² + 6C parameters. ValueError unless heads divides C.
+    """
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if int(heads) != heads or heads < 1:
+            raise ValueError(f"attention heads must be an integer >= 1, got {heads}")
+        if channels % heads:
+            raise ValueError(f"attention heads ({heads}) must divide the block's channels ({channels})")
+        self.channels, self.heads = channels, heads
+        self.norm = nn.GroupNorm(1, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        # (B, 3C, H, W) -> three (B, heads, H*W, C / heads): positions are the sequence.
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
+        query, key, value = qkv.transpose(-1, -2).unbind(dim=1)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return x + self.proj(attended.transpose(-1, -2).reshape(batch, channels, height, width))
+
+
 class ResidualBlock(nn.Module):
     """Pre-activation residual block without normalisation: conv(act(conv(act(x)))) + shortcut(x).
 
     No normalisation, as in PDEArena's and the Thermalizer's runs: group/batch statistics would couple
     the samples of a batch and rescale fields whose amplitude is physically meaningful.
+
+    `forward(x, biases)` takes optional per-channel biases (b1, b2), each (B, out_channels), added
+    after conv1 and after conv2 (SNS's noise-level conditioning):
+
+        h = conv1(act(x)) + b1,   h = conv2(act(h)) + b2,   y = h + shortcut(x)
+
+    With `attention_heads`, a SelfAttention2d of that many heads follows: y <- y + attention(norm(y)).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, activation: Activation = "gelu"):
+    def __init__(self, in_channels: int, out_channels: int, activation: Activation = "gelu",
+                 attention_heads: int | None = None):
         super().__init__()
         self.activation = make_activation(activation)
         self.conv1 = circular_conv3x3(in_channels, out_channels)
@@ -76,11 +135,18 @@ class ResidualBlock(nn.Module):
         # A 1x1 projection only where the width changes, so equal-width blocks stay exact identities
         # plus a correction (which is what makes deep stacks trainable).
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        # None registers no submodule, so blocks without attention keep their old state_dict keys.
+        self.attention = None if attention_heads is None else SelfAttention2d(out_channels, attention_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.conv1(self.activation(x))
+        if biases is not None:
+            h = h + biases[0][..., None, None]
         h = self.conv2(self.activation(h))
-        return h + self.shortcut(x)
+        if biases is not None:
+            h = h + biases[1][..., None, None]
+        h = h + self.shortcut(x)
+        return h if self.attention is None else self.attention(h)
 
 
 class CircularDownsample(nn.Module):
@@ -124,12 +190,18 @@ class UNet(nn.Module):
         blocks_per_level: residual blocks per encoder level (the decoder has one more per level).
         middle_blocks: residual blocks at the bottleneck.
         activation: "gelu" (papers), "silu" or "relu".
+        attention: self-attention after every residual block of the coarsest level (encoder, middle
+            and decoder); False (the default) builds exactly the attention-free network.
+        attention_heads: heads of each attention layer; must divide the width of every attended block.
 
     H and W must be multiples of `downsampling_factor`.
 
     `encode(x)` returns the bottleneck (after the middle blocks; 512 x 16² at 64² input) and the skip
-    list; `decode(bottleneck, skips)` finishes the pass. A noise-level classifier head (Thermalizer,
-    SNS) reads the bottleneck from `encode` alone and so never runs the decoder.
+    list; `decode(bottleneck, skips, biases=None)` finishes the pass. A noise-level classifier head
+    (Thermalizer, SNS) reads the bottleneck from `encode` alone and so never runs the decoder.
+    `biases` is one (b1, b2) pair per decoder residual block, in the order decode visits them, each
+    (B, width) with the widths `decoder_block_widths()` lists (what a conditioning network sizes
+    its output layers by).
 
     `config` holds the constructor arguments as a JSON-able dict (plus "arch" and "preset");
     `emu.models.make_model(**model.config)` rebuilds the same architecture.
@@ -147,6 +219,8 @@ class UNet(nn.Module):
         blocks_per_level: int = 2,
         middle_blocks: int = 2,
         activation: Activation = "gelu",
+        attention: bool = False,
+        attention_heads: int = 4,
     ):
         super().__init__()
         multipliers = tuple(int(m) for m in channel_multipliers)
@@ -154,7 +228,7 @@ class UNet(nn.Module):
             raise ValueError(f"channel_multipliers must be a non-empty sequence of ints >= 1, got {channel_multipliers}")
         for name, value, least in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                                    ("hidden_channels", hidden_channels, 1), ("blocks_per_level", blocks_per_level, 1),
-                                   ("middle_blocks", middle_blocks, 0)):
+                                   ("middle_blocks", middle_blocks, 0), ("attention_heads", attention_heads, 1)):
             if int(value) != value or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value}")
         make_activation(activation)  # validate the name before building anything
@@ -162,6 +236,7 @@ class UNet(nn.Module):
             "arch": self.arch, "preset": None, "in_channels": in_channels, "out_channels": out_channels,
             "hidden_channels": hidden_channels, "channel_multipliers": list(multipliers),
             "blocks_per_level": blocks_per_level, "middle_blocks": middle_blocks, "activation": activation,
+            "attention": bool(attention), "attention_heads": attention_heads,
         }
         self.in_channels, self.out_channels = in_channels, out_channels
         self.downsampling_factor = 2 ** (len(multipliers) - 1)
@@ -171,16 +246,19 @@ class UNet(nn.Module):
         # Encoder: a flat list whose every output is a skip, as in PDEArena, so the decoder can
         # consume skips in reverse without bookkeeping per level.
         widths = [hidden_channels * math.prod(multipliers[: i + 1]) for i in range(len(multipliers))]
+        coarsest = len(widths) - 1
+        # Attention only at the coarsest level, where positions are fewest (its cost grows as (H*W)²).
+        heads = attention_heads if attention else None
         encoder: list[nn.Module] = []
         width = hidden_channels
         for level, level_width in enumerate(widths):
             for _ in range(blocks_per_level):
-                encoder.append(ResidualBlock(width, level_width, activation))
+                encoder.append(ResidualBlock(width, level_width, activation, heads if level == coarsest else None))
                 width = level_width
             if level < len(widths) - 1:
                 encoder.append(CircularDownsample(width))
         self.encoder = nn.ModuleList(encoder)
-        self.middle = nn.ModuleList(ResidualBlock(width, width, activation) for _ in range(middle_blocks))
+        self.middle = nn.ModuleList(ResidualBlock(width, width, activation, heads) for _ in range(middle_blocks))
         self.bottleneck_channels = width
 
         # Decoder: blocks_per_level + 1 blocks per level, each eating one skip; the extra block brings
@@ -190,7 +268,8 @@ class UNet(nn.Module):
         for level in reversed(range(len(widths))):
             below = widths[level - 1] if level > 0 else hidden_channels
             for target in [width] * blocks_per_level + [below]:
-                decoder.append(ResidualBlock(width + skip_widths.pop(), target, activation))
+                decoder.append(ResidualBlock(width + skip_widths.pop(), target, activation,
+                                             heads if level == coarsest else None))
                 width = target
             if level > 0:
                 decoder.append(CircularUpsample(width))
@@ -215,16 +294,33 @@ class UNet(nn.Module):
             x = block(x)
         return x, skips
 
-    def decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Output (B, C_out, H, W) from `encode`'s results; `skips` is read, not modified."""
+    def decoder_block_widths(self) -> list[int]:
+        """out_channels of each decoder residual block, in the order `decode` visits them.
+
+        Paper preset: [512, 512, 256, 256, 256, 128, 128, 128, 64] (three per level, coarsest first).
+        """
+        return [module.conv2.out_channels for module in self.decoder if isinstance(module, ResidualBlock)]
+
+    def decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor],
+               biases: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Output (B, C_out, H, W) from `encode`'s results; `skips` is read, not modified.
+
+        biases: None, or one (b1, b2) pair per decoder residual block in visiting order, each
+            (B, width) for the block's width in `decoder_block_widths()`; added after its two convs.
+        """
+        blocks = sum(isinstance(module, ResidualBlock) for module in self.decoder)
+        if biases is not None and len(biases) != blocks:
+            raise ValueError(f"biases must hold one (b1, b2) pair per decoder block ({blocks}), got {len(biases)}")
         x = bottleneck
         remaining = len(skips)
+        block = 0
         for module in self.decoder:
             if isinstance(module, CircularUpsample):
                 x = module(x)
             else:
                 remaining -= 1
-                x = module(torch.cat((x, skips[remaining]), dim=1))
+                x = module(torch.cat((x, skips[remaining]), dim=1), None if biases is None else biases[block])
+                block += 1
         return self.output(self.output_activation(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

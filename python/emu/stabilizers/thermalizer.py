@@ -52,16 +52,10 @@ from torch.utils.data import DataLoader
 from emu.data.atomic import write_json_atomically
 from emu.data.loaders import Normalizer, Snapshots
 from emu.data.well import split_files
-from emu.diffusion import (
-    CosineSchedule,
-    DDPMScheduler,
-    add_noise,
-    gaussian_level_targets,
-    sample_training_levels,
-    soft_cross_entropy,
-)
+from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
 from emu.models import make_model
 from emu.stabilizers.base import RolloutHistory
+from emu.stabilizers.levels import PRESET_LEVEL_OPTIONS, LevelLoss, LevelTrainingSettings  # noqa: F401
 from emu.training import loop
 from emu.training.trainer import dataset_info
 
@@ -167,74 +161,12 @@ def thermalize(state: torch.Tensor, classify: Callable[[torch.Tensor], torch.Ten
 
 # -- 1. training ----------------------------------------------------------------------------------------
 
-# Level options by preset. On the 192-trajectory 32^2 Kolmogorov set, 4,000 optimizer steps each
-# (batch 16, lr 1e-3): the paper's setup left clean states at median predicted level 49 (q95 124);
-# mixture + gaussian + stride 4 brought the median to 3 (q95 40). See the issue-13 note for the rest.
-PRESET_LEVEL_OPTIONS = {
-    "paper": {"level_sampling": "uniform", "level_target": "categorical", "snapshot_stride": 1},
-    "small": {"level_sampling": "mixture", "level_target": "gaussian", "snapshot_stride": 4},
-}
-
 @dataclass(frozen=True)
-class ThermalizerTrainingConfig(loop.OptimisationSettings):
-    """Settings of one thermalizer training run: the shared optimisation settings (see
-    `loop.OptimisationSettings`; here batch 64, lr 2e-4 and gradient-norm clipping at 1 by default) plus
-
-    Attributes:
-        preset: network size, "small" (CPU) or "paper" (53M parameters).
-        num_levels: diffusion levels T of the cosine schedule.
-        classifier_weight: w of the level term.
-        ema_decay: weight EMA decay (0 disables).
-        level_sampling: "uniform" (paper: every level equally) or "mixture" (a fraction
-            `low_level_fraction` of each batch uniform over [0, low_level_max), the rest uniform).
-        level_target: "categorical" (paper: one-hot cross-entropy) or "gaussian" (cross-entropy
-            against a target smoothed over levels with width `level_target_width` in log SNR).
-        snapshot_stride: train on every k-th stored snapshot of each trajectory (1: all);
-            neighbouring snapshots are nearly the same state, so a stride decorrelates the samples.
-        The last three default to the preset's (`PRESET_LEVEL_OPTIONS`): "paper" is the paper's
-        setup (uniform, categorical, 1), "small" the winner at small scale (mixture, gaussian, 4).
-    """
-
-    batch_size: int = 64
-    lr: float = 2e-4
-    max_grad_norm: float | None = 1.0
-    preset: str = "small"
-    num_levels: int = 1000
-    classifier_weight: float = 1.0
-    ema_decay: float = 0.995
-    level_sampling: str | None = None
-    low_level_fraction: float = 0.5
-    low_level_max: int = 50
-    level_target: str | None = None
-    level_target_width: float = 0.25
-    snapshot_stride: int | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        # Options left unset take the preset's: the paper's setup for "paper", the combination that
-        # resolved low levels best at small scale for "small" (measured in the issue-13 note).
-        for name, value in PRESET_LEVEL_OPTIONS.get(self.preset, {}).items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        checks = [
-            (self.preset in ("small", "paper"), "preset", "'small' or 'paper'", self.preset),
-            (isinstance(self.num_levels, int) and self.num_levels >= 2, "num_levels", "an integer >= 2", self.num_levels),
-            (self.classifier_weight >= 0, "classifier_weight", ">= 0", self.classifier_weight),
-            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay),
-            (self.level_sampling in ("uniform", "mixture"), "level_sampling", "'uniform' or 'mixture'",
-             self.level_sampling),
-            (0 <= self.low_level_fraction <= 1, "low_level_fraction", "in [0, 1]", self.low_level_fraction),
-            (isinstance(self.low_level_max, int) and 1 <= self.low_level_max <= self.num_levels, "low_level_max",
-             f"an integer in [1, num_levels = {self.num_levels}]", self.low_level_max),
-            (self.level_target in ("categorical", "gaussian"), "level_target", "'categorical' or 'gaussian'",
-             self.level_target),
-            (self.level_target_width > 0, "level_target_width", "> 0 (log SNR)", self.level_target_width),
-            (isinstance(self.snapshot_stride, int) and self.snapshot_stride >= 1, "snapshot_stride",
-             "an integer >= 1", self.snapshot_stride),
-        ]
-        for ok, name, allowed, value in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+class ThermalizerTrainingConfig(LevelTrainingSettings):
+    """Settings of one thermalizer training run: the shared optimisation settings and level options
+    (`emu.stabilizers.levels.LevelTrainingSettings`: batch 64, lr 2e-4, gradient-norm clipping at 1,
+    level sampling, level target, snapshot stride), with the paper's classifier weight 1 and EMA
+    0.995. preset "paper" is the 53M-parameter network, "small" the CPU one."""
 
 
 class DiffusionLoss(nn.Module):
@@ -251,31 +183,25 @@ class DiffusionLoss(nn.Module):
         self.network = network
         self.schedule = schedule
         self.classifier_weight = classifier_weight
-        self.low_level_fraction, self.low_level_max = low_level_fraction, low_level_max
-        targets = gaussian_level_targets(schedule, target_width) if target_width is not None else None
-        self.register_buffer("targets", targets, persistent=False)
+        self.levels = LevelLoss(schedule, low_level_fraction=low_level_fraction, low_level_max=low_level_max,
+                                target_width=target_width)
         self.terms: dict[str, float] = {}
         self.logits: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, network: nn.Module, schedule: CosineSchedule,
                     config: ThermalizerTrainingConfig) -> "DiffusionLoss":
-        return cls(network, schedule, config.classifier_weight,
-                   low_level_fraction=config.low_level_fraction if config.level_sampling == "mixture" else 0.0,
-                   low_level_max=config.low_level_max,
-                   target_width=config.level_target_width if config.level_target == "gaussian" else None)
+        objective = cls(network, schedule, config.classifier_weight)
+        objective.levels = LevelLoss.from_settings(schedule, config)
+        return objective
 
     def level_loss(self, logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        if self.targets is None:
-            return F.cross_entropy(logits.float(), levels)
-        return soft_cross_entropy(logits, self.targets[levels])
+        return self.levels.loss(logits, levels)
 
     def forward(self, clean: torch.Tensor, levels: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         if levels is None:
-            levels = sample_training_levels(clean.shape[0], self.schedule.num_levels,
-                                            low_fraction=self.low_level_fraction, low_max=self.low_level_max,
-                                            device=clean.device)
+            levels = self.levels.sample(clean.shape[0], clean.device)
         if noise is None:
             noise = torch.randn_like(clean)
         predicted_noise, logits = self.network(add_noise(self.schedule, clean, levels, noise))

@@ -38,7 +38,7 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
                     divergence_threshold: float = 1e3, device: str | None = None, seed: int = 0,
                     progress: bool = True, stabilizer: str | None = None, thermalizer=None,
                     stabilizer_options: dict | None = None, s_init: int | None = None, s_stop: int | None = None,
-                    runaway_level: int = 100) -> dict:
+                    runaway_level: int | None = None) -> dict:
     """Rolls the emulator of `checkpoint` out from the first snapshot of `trajectories` trajectories
     of the dataset `init` (split `split`, which must hold data: there is no fallback) for `steps` steps
     and streams the denormalised states into `out` (The Well layout, `emu` group with the per-step
@@ -51,9 +51,11 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     the file also holds its per-step record: for the Thermalizer (paper Algorithm 1, levels `s_init`,
     `s_stop`, default: the pair in thermalizer_levels.json beside the checkpoint, else 7 and 4)
     `emu/predicted_level` (the classifier's level before correction), `emu/denoising_steps` (steps
-    applied, 0 when none) and `emu/runaway` (predicted level above `runaway_level`: flagged and
-    corrected from `runaway_level`, never an abort). `stabilizer_options` go to the method
-    (thermalizer: fixed_level, fresh_noise).
+    applied, 0 when none) and `emu/runaway` (predicted level above `runaway_level`, default 100:
+    flagged and corrected from `runaway_level`, never an abort); for SNS the same plus
+    `emu/previous_level` and `emu/skipped` (`denoising_steps` counts network evaluations).
+    `stabilizer_options` go to the method (`emu.stabilizers.OPTIONS`: thermalizer fixed_level,
+    fresh_noise; sns path, activation_threshold, mode, runaway_level).
     """
     device = resolve_device(device)
     chosen = require_split(init, split)
@@ -68,9 +70,11 @@ def rollout_to_file(checkpoint, init, out, *, trajectories: int = 4, steps: int 
     if stabilizer is not None:
         from emu.stabilizers import load_stabilizer
 
-        options = dict(stabilizer_options or {})
-        if stabilizer.startswith("thermalizer:"):
-            options.update(s_init=s_init, s_stop=s_stop, runaway_level=runaway_level)
+        # Levels given here join the method's options (None: the method's default); a method that
+        # takes no such option refuses it by name (emu.stabilizers.load_stabilizer).
+        options = {**(stabilizer_options or {}),
+                   **{name: value for name, value in (("s_init", s_init), ("s_stop", s_stop),
+                                                      ("runaway_level", runaway_level)) if value is not None}}
         corrector = load_stabilizer(stabilizer, normalizer, device, seed=seed + 1, **options)
     frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
     available, stored_steps = frames.shapes[0][0], frames.shapes[0][1]
