@@ -101,6 +101,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def stage_timer(clock: dict):
+    """timed(name, function, *args) runs one stage, logs its start and duration, records it in `clock`."""
+    def timed(name, function, *arguments, **keywords):
+        log(f"stage {name} ...")
+        start = time.perf_counter()
+        value = function(*arguments, **keywords)
+        clock[name] = round(time.perf_counter() - start, 1)
+        log(f"stage {name} done in {clock[name]:.0f} s")
+        return value
+
+    return timed
+
+
 def _config(settings: dict):
     from emu.systems import make_config
 
@@ -331,14 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     clock = {}
-
-    def timed(name, function, *arguments, **keywords):
-        log(f"stage {name} ...")
-        start = time.perf_counter()
-        value = function(*arguments, **keywords)
-        clock[name] = round(time.perf_counter() - start, 1)
-        log(f"stage {name} done in {clock[name]:.0f} s")
-        return value
+    timed = stage_timer(clock)
 
     from emu.evaluation import compare_stabilizers
 

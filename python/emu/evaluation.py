@@ -27,7 +27,8 @@ stopped comparison resumes). Then, per trajectory (`trajectory_metrics`):
 reads at a glance: fields over time (`fields.png`), MSE vs step on a log axis that stays readable
 after a blow-up (non-finite and huge values drawn at a ceiling and marked, `mse.png`), predicted
 levels and denoising steps on nonnegative axes (`levels.png`), spectra with the solver's x/÷1.5 band
-(`spectra.png`).
+(`spectra.png`), the lag-averaged autocorrelation of each method's stable part against the solver's
+(`autocorrelation.png`).
 
 Layer: joins emu.training (rollouts), emu.stabilizers and emu.metrics; nothing imports it but the
 CLI and the evidence scripts.
@@ -89,7 +90,8 @@ def spectrum_factor(spectrum: np.ndarray, reference: np.ndarray, k_index: np.nda
 
 def trajectory_metrics(fields: np.ndarray, normalised: np.ndarray, normalised_reference: np.ndarray, config: dict,
                        solver_spectra: dict, solver_autocorrelation: np.ndarray, threshold: float,
-                       denoising_steps: np.ndarray | None = None, max_lag: int = 50) -> list[dict]:
+                       denoising_steps: np.ndarray | None = None, max_lag: int = 50,
+                       curves: list | None = None) -> list[dict]:
     """Per-trajectory numbers of one method (module docstring).
 
     fields: physical rollout (trajectory, time, C, y, x); normalised: the same in normalised units;
@@ -124,7 +126,10 @@ def trajectory_metrics(fields: np.ndarray, normalised: np.ndarray, normalised_re
             lagged = lagged_autocorrelation(usable[None], max_lag=max_lag)[0]
             row["autocorrelation_error"] = float(np.mean(np.abs(lagged[1:] - solver_autocorrelation[1:])))
         else:
+            lagged = None
             row["autocorrelation_error"] = math.nan
+        if curves is not None:
+            curves.append(lagged)
         if denoising_steps is not None:
             row["denoising_steps_per_step"] = float(denoising_steps[index, stable].mean())
         rows.append(row)
@@ -185,7 +190,7 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
                "decorrelated_mse": decorrelated, "mse_threshold": threshold, "max_lag": max_lag,
                "spectrum_goal": SPECTRUM_GOAL, "methods": {}}
     arrays = {"solver": {"fields": solver_fields}, "solver_spectra": solver_spectra, "solver_band": solver_band,
-              "config": config}
+              "solver_autocorrelation": solver_autocorrelation, "config": config}
     for name, options in methods.items():
         path = out / f"rollout_{slug(name)}.h5"
         timing = path.with_suffix(".seconds")
@@ -201,8 +206,9 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
         with np.errstate(invalid="ignore", over="ignore"):
             normalised = (fields - mean) / std
             mse = np.mean((normalised - normalised_solver) ** 2, axis=(2, 3, 4))
+        curves: list = []
         rows = trajectory_metrics(fields, normalised, normalised_solver, config, solver_spectra, solver_autocorrelation,
-                                  threshold, record.get("denoising_steps"), max_lag=max_lag)
+                                  threshold, record.get("denoising_steps"), max_lag=max_lag, curves=curves)
         entry = {"options": options or {}, "trajectories": rows, "summary": summarise(rows),
                  "seconds": seconds, "seconds_per_step": seconds / steps}
         if "predicted_level" in record:
@@ -210,8 +216,10 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
             entry["predicted_level_median"] = float(np.median(levels[levels >= 0])) if (levels >= 0).any() else math.nan
             entry["runaway_sample_steps"] = int(record["runaway"].sum())
         results["methods"][name] = entry
-        arrays[name] = {"fields": fields, "mse": mse, **{key: record[key] for key in
-                                                           ("predicted_level", "denoising_steps") if key in record}}
+        usable = [curve for curve in curves if curve is not None]
+        arrays[name] = {"fields": fields, "mse": mse,
+                        "autocorrelation": np.mean(usable, axis=0) if usable else None,
+                        **{key: record[key] for key in ("predicted_level", "denoising_steps") if key in record}}
         summary = entry["summary"]
         echo(f"{name}: mean stable horizon {summary['stable_horizon']:.1f}, "
              f"{entry['seconds_per_step'] * 1e3:.1f} ms per step")
@@ -274,7 +282,7 @@ def write_results(results: dict, out, *, title: str, notes: list[str] = ()) -> N
              f"solver's, over shells up to 2/3 of the cutoff, worst trajectory (goal: <= {SPECTRUM_GOAL}). "
              f"Autocorrelation error: mean |r - r_solver| over lags 1..{results['max_lag']} on the stable part.", "",
              results_table(results), "",
-             "Figures: fields.png, mse.png, levels.png, spectra.png."]
+             "Figures: fields.png, mse.png, levels.png, spectra.png, autocorrelation.png."]
     write_text_atomically(out / "results.md", "\n".join(lines) + "\n")
 
 
@@ -283,9 +291,18 @@ def _snapshot_steps(steps: int) -> list[int]:
     return picks[-5:] if len(picks) > 5 else picks
 
 
+def _save(plt, figure, path: Path, paths: list[Path]) -> None:
+    from emu.plotting import save_figure_atomically
+
+    figure.tight_layout()
+    save_figure_atomically(figure, path)
+    paths.append(path)
+    plt.close(figure)
+
+
 def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
-    """fields.png, mse.png, levels.png, spectra.png (module docstring); returns their paths."""
-    from emu.plotting import _pyplot, save_figure_atomically
+    """fields.png, mse.png, levels.png, spectra.png, autocorrelation.png (module docstring); returns their paths."""
+    from emu.plotting import _pyplot
 
     plt = _pyplot()
     out = Path(out)
@@ -312,10 +329,7 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
             if column == 0:
                 axis.set_ylabel(name, fontsize=8)
     figure.suptitle(f"{system_title} trajectory 0 over time (colour range of the solver)", fontsize=10)
-    figure.tight_layout()
-    save_figure_atomically(figure, out / "fields.png")
-    paths.append(out / "fields.png")
-    plt.close(figure)
+    _save(plt, figure, out / "fields.png", paths)
 
     # MSE vs step, robust to blow-up
     figure, axis = plt.subplots(figsize=(8, 4.5))
@@ -335,10 +349,7 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
     axis.set_xlabel("emulator step"), axis.set_ylabel("MSE vs solver (normalised)")
     axis.legend(fontsize=7, loc="lower right")
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    save_figure_atomically(figure, out / "mse.png")
-    paths.append(out / "mse.png")
-    plt.close(figure)
+    _save(plt, figure, out / "mse.png", paths)
 
     # predicted levels and denoising steps
     with_levels = [name for name in names if "predicted_level" in arrays[name]]
@@ -357,10 +368,7 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
         bottom.set_ylim(bottom=0)
         bottom.set_ylabel("cumulative denoising steps\n(mean per trajectory)"), bottom.set_xlabel("emulator step")
         bottom.legend(fontsize=7), bottom.grid(alpha=0.3)
-        figure.tight_layout()
-        save_figure_atomically(figure, out / "levels.png")
-        paths.append(out / "levels.png")
-        plt.close(figure)
+        _save(plt, figure, out / "levels.png", paths)
 
     # spectra over the last half, with the solver's x/÷1.5 band (√2 shells)
     k, reference = arrays["solver_spectra"]["sqrt2"]
@@ -383,8 +391,23 @@ def plot_results(results: dict, out, *, system_title: str = "") -> list[Path]:
     axis.set_xlabel("wavenumber k"), axis.set_ylabel("E(k), last half of the rollouts (finite states)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    save_figure_atomically(figure, out / "spectra.png")
-    paths.append(out / "spectra.png")
-    plt.close(figure)
+    _save(plt, figure, out / "spectra.png", paths)
+
+    # lag-averaged autocorrelation over each method's stable part against the solver's: a method that
+    # keeps the dynamics (not only the invariant measure) follows the black curve
+    solver_curve = arrays.get("solver_autocorrelation")
+    if solver_curve is not None and len(solver_curve) > 1:
+        figure, axis = plt.subplots(figsize=(6, 4.5))
+        lags = np.arange(len(solver_curve))
+        axis.plot(lags, solver_curve, color="k", linewidth=2, label="solver")
+        for name in names:
+            curve = arrays[name].get("autocorrelation")
+            if curve is not None:
+                axis.plot(lags, curve, color=colors[name], label=name)
+            else:
+                axis.plot([], [], color=colors[name], label=f"{name} (stable part too short)")
+        axis.set_xlabel("lag (emulator steps)"), axis.set_ylabel("lag-averaged autocorrelation, stable part")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        _save(plt, figure, out / "autocorrelation.png", paths)
     return paths

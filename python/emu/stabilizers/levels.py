@@ -1,4 +1,6 @@
-"""What every stabiliser with a noise-level head trains with: level options and the level loss.
+"""What every stabiliser with a noise-level head trains with: level options, the level loss, the
+training run and the checkpoint loader (the Thermalizer and SNS differ only in network, objective
+and data).
 
 The Thermalizer's classifier and SNS's two heads face the same problem: telling clean states (level
 ~0) from slightly drifted ones (levels 5-20). Both train with the same options, each a stated
@@ -20,12 +22,15 @@ gaussian, 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emu.diffusion import CosineSchedule, gaussian_level_targets, sample_training_levels, soft_cross_entropy
+from emu.data.loaders import Normalizer
+from emu.diffusion import CosineSchedule, DDPMScheduler, gaussian_level_targets, sample_training_levels, soft_cross_entropy
+from emu.models import make_model
 from emu.training import loop
 
 # On the 192-trajectory 32^2 Kolmogorov set, 4,000 optimizer steps each (batch 16, lr 1e-3): the
@@ -119,3 +124,33 @@ class LevelLoss(nn.Module):
         if self.targets is None:
             return F.cross_entropy(logits.float(), levels)
         return soft_cross_entropy(logits, self.targets[levels])
+
+
+def fit_level_model(kind: str, network: nn.Module, objective: nn.Module, train_set, valid_set,
+                    evaluate: Callable[[nn.Module], dict], settings: LevelTrainingSettings, context: loop.Context,
+                    out, *, normalizer: Normalizer, schedule: CosineSchedule, info: dict, extras: dict | None = None,
+                    plot_keys=(), resume: bool = False, overwrite: bool = False, progress: bool = True,
+                    echo: Callable[[str], None] = print) -> dict:
+    """The shared loop (`loop.fit`) for a diffusion model with level heads: the checkpoint carries the
+    model config, the normaliser, the dataset info and the schedule (what `load_level_model` needs)."""
+    job = loop.Job(
+        module=network, objective=objective, train_set=train_set,
+        evaluate=lambda module: evaluate(module) if valid_set is not None else {},
+        extras={"model_config": network.config, "normalizer": normalizer.state_dict(), "dataset": info,
+                "schedule": schedule.config, **(extras or {})},
+        plot_keys=(("train_loss", "train"), ("valid_loss", "valid"), *plot_keys))
+    if valid_set is None and context.rank == 0:
+        echo(f"note: {settings.data} has no valid split: no validation metrics, and best.pt is the epoch with the "
+             "lowest training loss")
+    return loop.fit(job, settings, context, out, kind=kind, resume=resume, overwrite=overwrite,
+                    progress=progress, ema_decay=settings.ema_decay, echo=echo)
+
+
+def load_level_model(path, kind: str) -> tuple[nn.Module, DDPMScheduler, Normalizer, dict]:
+    """(network in eval mode with the EMA weights, scheduler, normaliser, payload) of an emu `kind`
+    checkpoint ("thermalizer", "sns") written by `fit_level_model`."""
+    payload = loop.load_checkpoint(path, kind)
+    network = make_model(**payload["model_config"])
+    network.load_state_dict(loop.inference_weights(payload))
+    scheduler = DDPMScheduler(CosineSchedule.from_config(payload["schedule"]))
+    return network.eval(), scheduler, Normalizer.from_state_dict(payload["normalizer"]), payload

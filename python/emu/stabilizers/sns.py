@@ -67,7 +67,7 @@ from emu.data.well import split_files
 from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
 from emu.models import make_model
 from emu.stabilizers.base import RolloutHistory
-from emu.stabilizers.levels import LevelLoss, LevelTrainingSettings
+from emu.stabilizers.levels import LevelLoss, LevelTrainingSettings, fit_level_model, load_level_model
 from emu.training import loop
 from emu.training.trainer import dataset_info
 
@@ -435,29 +435,18 @@ def train_sns(config: SNSTrainingConfig, out, *, resume: bool = False, overwrite
     schedule = CosineSchedule(config.num_levels)
     network = make_model("sns", config.preset, channels, channels, grid_size=grid_size, anchor=config.anchor,
                          num_levels=config.num_levels).to(context.device)
-    job = loop.Job(
-        module=network, objective=SNSLoss.from_config(network, schedule, config).to(context.device),
-        train_set=train_set,
-        evaluate=lambda module: evaluate(module, valid_set, schedule, config, context.device) if valid_set is not None else {},
-        extras={"model_config": network.config, "normalizer": normalizer.state_dict(), "dataset": info,
-                "schedule": schedule.config, "anchor_lag": config.anchor_lag if config.anchor else None},
-        plot_keys=(("train_loss", "train"), ("valid_loss", "valid"),
-                   ("valid_noise_mse_current", "valid noise MSE, current"),
-                   ("valid_cross_entropy_current", "valid level loss, current")))
-    if valid_set is None and context.rank == 0:
-        echo(f"note: {config.data} has no valid split: no validation metrics, and best.pt is the epoch with the "
-             "lowest training loss")
-    return loop.fit(job, config, context, out, kind="sns", resume=resume, overwrite=overwrite,
-                    progress=progress, ema_decay=config.ema_decay, echo=echo)
+    return fit_level_model("sns", network, SNSLoss.from_config(network, schedule, config).to(context.device),
+                           train_set, valid_set, lambda module: evaluate(module, valid_set, schedule, config, context.device),
+                           config, context, out, normalizer=normalizer, schedule=schedule, info=info,
+                           extras={"anchor_lag": config.anchor_lag if config.anchor else None},
+                           plot_keys=(("valid_noise_mse_current", "valid noise MSE, current"),
+                                      ("valid_cross_entropy_current", "valid level loss, current")),
+                           resume=resume, overwrite=overwrite, progress=progress, echo=echo)
 
 
 def load_sns(path) -> tuple[nn.Module, DDPMScheduler, Normalizer, dict]:
     """(network in eval mode with the EMA weights, scheduler, normaliser, payload) of an SNS checkpoint."""
-    payload = loop.load_checkpoint(path, "sns")
-    network = make_model(**payload["model_config"])
-    network.load_state_dict(loop.inference_weights(payload))
-    scheduler = DDPMScheduler(CosineSchedule.from_config(payload["schedule"]))
-    return network.eval(), scheduler, Normalizer.from_state_dict(payload["normalizer"]), payload
+    return load_level_model(path, "sns")
 
 
 def expected_evaluations(previous_level: int, current_level: int, path: str = "A") -> int:
