@@ -21,7 +21,9 @@ stopped comparison resumes). Then, per trajectory (`trajectory_metrics`):
 - autocorrelation error: mean over lags 1..L of |r_method(lag) - r_solver(lag)|, lag-averaged
   Pearson autocorrelation over the stable part (`emu.metrics.lagged_autocorrelation`);
 - denoising steps per emulator step over the stable part (stabilisers that record them);
-- wall time per emulator step (all trajectories together, the method's whole rollout).
+- wall time per emulator step (all trajectories together, the method's whole rollout);
+- forecast skill (Cohesion's scores, `forecast_skill`): mean RMSE, mean MS-SSIM and the spectral
+  divergence of the last half against the solver, in a second table.
 
 `write_results` writes results.json and results.md (one table); `plot_*` the figures a scientist
 reads at a glance: fields over time (`fields.png`), MSE vs step on a log axis that stays readable
@@ -46,7 +48,8 @@ from typing import Callable
 import numpy as np
 
 from emu.data.atomic import write_json_atomically, write_text_atomically
-from emu.metrics import kinetic_energy_spectrum, lagged_autocorrelation, stable_horizon
+from emu.metrics import (kinetic_energy_spectrum, lagged_autocorrelation, ms_ssim, rmse, spectral_divergence,
+                         stable_horizon)
 
 SPECTRUM_GOAL = 1.5
 MSE_CEILING = 1e6  # plotted in place of larger and non-finite MSEs (and marked)
@@ -91,7 +94,7 @@ def spectrum_factor(spectrum: np.ndarray, reference: np.ndarray, k_index: np.nda
 def trajectory_metrics(fields: np.ndarray, normalised: np.ndarray, normalised_reference: np.ndarray, config: dict,
                        solver_spectra: dict, solver_autocorrelation: np.ndarray, threshold: float,
                        denoising_steps: np.ndarray | None = None, max_lag: int = 50,
-                       curves: list | None = None) -> list[dict]:
+                       curves: list | None = None, solver_fields: np.ndarray | None = None) -> list[dict]:
     """Per-trajectory numbers of one method (module docstring).
 
     fields: physical rollout (trajectory, time, C, y, x); normalised: the same in normalised units;
@@ -132,8 +135,36 @@ def trajectory_metrics(fields: np.ndarray, normalised: np.ndarray, normalised_re
             curves.append(lagged)
         if denoising_steps is not None:
             row["denoising_steps_per_step"] = float(denoising_steps[index, stable].mean())
+        row.update(forecast_skill(fields[index], normalised[index], normalised_reference[index, :fields.shape[1]],
+                                  solver_fields[index] if solver_fields is not None else None, config))
         rows.append(row)
     return rows
+
+
+def forecast_skill(fields: np.ndarray, normalised: np.ndarray, normalised_reference: np.ndarray,
+                   solver_fields: np.ndarray | None, config: dict, frames: int = 60) -> dict:
+    """Cohesion's skill scores of one trajectory (time, C, y, x) against the solver over the whole
+    horizon (steps 1..T, at most `frames` evenly spaced frames for MS-SSIM and SpecDiv): mean RMSE
+    (normalised units), mean MS-SSIM (normalised fields), mean SpecDiv over the last half (the KE
+    spectra's top 10% of shells; `emu.metrics.spectral_divergence`). A non-finite frame makes the
+    RMSE and SpecDiv inf and the MS-SSIM 0 (a blown-up state has no skill)."""
+    steps = fields.shape[0] - 1
+    if steps < 1:
+        return {"rmse_mean": math.nan, "ms_ssim_mean": math.nan, "spectral_divergence_last_half": math.nan}
+    finite = bool(np.all(np.isfinite(normalised[1:])))
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = float(np.mean(rmse(normalised[1:], normalised_reference[1:]))) if finite else math.inf
+    picks = np.unique(np.linspace(1, steps, min(frames, steps)).astype(int))
+    late = picks[picks > steps // 2] if np.any(picks > steps // 2) else picks[-1:]
+    if not finite:
+        return {"rmse_mean": error, "ms_ssim_mean": 0.0, "spectral_divergence_last_half": math.inf}
+    similarity = float(np.mean(ms_ssim(normalised[picks], normalised_reference[picks])))
+    divergence = math.nan
+    if solver_fields is not None:
+        # The top 10% of the shells, but at least 2 (a coarse grid has few shells).
+        fraction = max(0.1, 2.0 / (fields.shape[-1] // 2))
+        divergence = float(np.mean(spectral_divergence(fields[late], solver_fields[late], config, fraction=fraction)))
+    return {"rmse_mean": error, "ms_ssim_mean": similarity, "spectral_divergence_last_half": divergence}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -154,8 +185,10 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
                         echo: Callable[[str], None] = print) -> dict:
     """Rolls out every method from the same initial states and scores them (module docstring).
 
-    methods: name -> None (the bare emulator) or rollout options ({"stabilizer": "METHOD:CKPT",
-    "s_init", "s_stop", "runaway_level", "stabilizer_options"}, as `rollout_to_file` takes them).
+    methods: name -> None (the bare emulator), rollout options ({"stabilizer": "METHOD:CKPT",
+    "s_init", "s_stop", "runaway_level", "stabilizer_options"}, as `rollout_to_file` takes them), or
+    {"forecast": {"koopman": CKPT, "score": CKPT, "mode": "plan" | "autoregressive" | "prior",
+    "settings": {...CohesionSettings}}} for a Cohesion forecast of the same horizon (one member).
     Returns {"methods": {name: {"trajectories": [...], "summary": {...}, "seconds_per_step", ...}},
     "decorrelated_mse", "mse_threshold", ...}; the arrays the figures need are in results["_arrays"].
     """
@@ -197,8 +230,16 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
         if not (path.is_file() and timing.is_file()):
             echo(f"rollout {name}: {trajectories} trajectories x {steps} steps ...")
             start = time.perf_counter()
-            rollout_to_file(emulator, reference, path, trajectories=trajectories, steps=steps, split="test",
-                            device=device, seed=seed, progress=progress, **(options or {}))
+            if options and "forecast" in options:
+                from emu.stabilizers.cohesion import CohesionSettings, forecast_to_file
+
+                spec = dict(options["forecast"])
+                forecast_to_file(spec.pop("koopman"), spec.pop("score", None), reference, path, horizon=steps,
+                                 trajectories=trajectories, split="test", device=device, seed=seed,
+                                 progress=progress, settings=CohesionSettings(**spec.pop("settings", {})), **spec)
+            else:
+                rollout_to_file(emulator, reference, path, trajectories=trajectories, steps=steps, split="test",
+                                device=device, seed=seed, progress=progress, **(options or {}))
             write_text_atomically(timing, f"{time.perf_counter() - start:.3f}\n")
         seconds = float(timing.read_text())
         record = read_rollout(path)
@@ -207,8 +248,11 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
             normalised = (fields - mean) / std
             mse = np.mean((normalised - normalised_solver) ** 2, axis=(2, 3, 4))
         curves: list = []
+        if fields.shape[0] != trajectories:
+            raise ValueError(f"{path} holds {fields.shape[0]} trajectories, {trajectories} expected (one member each)")
         rows = trajectory_metrics(fields, normalised, normalised_solver, config, solver_spectra, solver_autocorrelation,
-                                  threshold, record.get("denoising_steps"), max_lag=max_lag, curves=curves)
+                                  threshold, record.get("denoising_steps"), max_lag=max_lag, curves=curves,
+                                  solver_fields=solver_fields)
         entry = {"options": options or {}, "trajectories": rows, "summary": summarise(rows),
                  "seconds": seconds, "seconds_per_step": seconds / steps}
         if "predicted_level" in record:
@@ -270,6 +314,18 @@ def results_table(results: dict, baseline: str = "emulator") -> str:
     return "\n".join(lines)
 
 
+def skill_table(results: dict) -> str:
+    """Forecast skill per method (means over trajectories; `forecast_skill`)."""
+    lines = ["| method | RMSE (normalised, mean over steps) | MS-SSIM (mean) | SpecDiv, last half (mean) | ms / step |",
+             "|---|---|---|---|---|"]
+    for name, entry in results["methods"].items():
+        summary = entry["summary"]
+        cells = [summary.get(key, math.nan) for key in ("rmse_mean", "ms_ssim_mean", "spectral_divergence_last_half")]
+        lines.append(f"| {name} | " + " | ".join("inf" if v == math.inf else "–" if v != v else f"{v:.3g}" for v in cells)
+                     + f" | {entry['seconds_per_step'] * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def write_results(results: dict, out, *, title: str, notes: list[str] = ()) -> None:
     """results.json (all numbers, per trajectory) and results.md (the table plus `notes`)."""
     out = Path(out)
@@ -282,6 +338,9 @@ def write_results(results: dict, out, *, title: str, notes: list[str] = ()) -> N
              f"solver's, over shells up to 2/3 of the cutoff, worst trajectory (goal: <= {SPECTRUM_GOAL}). "
              f"Autocorrelation error: mean |r - r_solver| over lags 1..{results['max_lag']} on the stable part.", "",
              results_table(results), "",
+             "Forecast skill against the solver (RMSE over steps 1..T; MS-SSIM on normalised fields; SpecDiv: "
+             "KL divergence of the normalised KE spectra over the top 10% of shells, last half):", "",
+             skill_table(results), "",
              "Figures: fields.png, mse.png, levels.png, spectra.png, autocorrelation.png."]
     write_text_atomically(out / "results.md", "\n".join(lines) + "\n")
 

@@ -15,8 +15,9 @@ Architecture (defaults; every number is a constructor argument):
 
 A residual block is pre-activation without normalisation: h = conv(GELU(conv(GELU(x)))) + shortcut(x),
 the shortcut a 1x1 conv where the width changes. Its two convs may take per-channel biases from outside
-(`ResidualBlock.forward(x, biases)`, `UNet.decode(..., biases)`): how SNS (emu.models.sns) tells the
-decoder the noise levels its heads read off the bottleneck. `channel_multipliers` are cumulative, as in
+(`ResidualBlock.forward(x, biases)`, `UNet.decode(..., biases)`, `UNet.encode(x, biases)`): how SNS
+(emu.models.sns) tells the decoder the noise levels its heads read off the bottleneck, and how the
+window score network (emu.models.score) tells every block the diffusion time. `channel_multipliers` are cumulative, as in
 PDEArena: level i has width hidden_channels * prod(multipliers[:i+1]), so (2, 2, 2) gives
 64 -> 128 -> 256 -> 512, and there are len(multipliers) - 1 downsamplings (16² bottleneck at 64²).
 Every skip (the projection and each encoder module's output) is consumed once by the decoder.
@@ -196,12 +197,14 @@ class UNet(nn.Module):
 
     H and W must be multiples of `downsampling_factor`.
 
-    `encode(x)` returns the bottleneck (after the middle blocks; 512 x 16² at 64² input) and the skip
-    list; `decode(bottleneck, skips, biases=None)` finishes the pass. A noise-level classifier head
+    `encode(x, biases=None)` returns the bottleneck (after the middle blocks; 512 x 16² at 64² input)
+    and the skip list; `decode(bottleneck, skips, biases=None)` finishes the pass. A noise-level classifier head
     (Thermalizer, SNS) reads the bottleneck from `encode` alone and so never runs the decoder.
     `biases` is one (b1, b2) pair per decoder residual block, in the order decode visits them, each
     (B, width) with the widths `decoder_block_widths()` lists (what a conditioning network sizes
-    its output layers by).
+    its output layers by); `encode`'s `biases` likewise, one pair per encoder then middle residual
+    block, with the widths `encoder_block_widths()` lists (how emu.models.score's time embedding
+    reaches every block).
 
     `config` holds the constructor arguments as a JSON-able dict (plus "arch" and "preset");
     `emu.models.make_model(**model.config)` rebuilds the same architecture.
@@ -279,20 +282,45 @@ class UNet(nn.Module):
         self.output_activation = make_activation(activation)
         self.output = circular_conv3x3(width, out_channels)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(bottleneck after the middle blocks, skips in encoder order) for input (B, C_in, H, W)."""
+    def encode(self, x: torch.Tensor, biases: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(bottleneck after the middle blocks, skips in encoder order) for input (B, C_in, H, W).
+
+        biases: None, or one (b1, b2) pair per residual block that encode visits (the encoder's, then
+            the middle's), each (B, width) for the block's width in `encoder_block_widths()`; added
+            after its two convs, as `decode`'s. A time embedding conditions every block this way
+            (emu.models.score).
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % self.downsampling_factor or x.shape[-1] % self.downsampling_factor:
             raise ValueError(f"H and W must be multiples of {self.downsampling_factor}, got {tuple(x.shape[-2:])}")
+        blocks = sum(isinstance(module, ResidualBlock) for module in self.encoder) + len(self.middle)
+        if biases is not None and len(biases) != blocks:
+            raise ValueError(f"biases must hold one (b1, b2) pair per encoder and middle block ({blocks}), "
+                             f"got {len(biases)}")
         x = self.projection(x)
         skips = [x]
+        block = 0
         for module in self.encoder:
-            x = module(x)
+            if isinstance(module, ResidualBlock):
+                x = module(x, None if biases is None else biases[block])
+                block += 1
+            else:
+                x = module(x)
             skips.append(x)
-        for block in self.middle:
-            x = block(x)
+        for module in self.middle:
+            x = module(x, None if biases is None else biases[block])
+            block += 1
         return x, skips
+
+    def encoder_block_widths(self) -> list[int]:
+        """out_channels of each residual block `encode` visits, in order: the encoder's, then the middle's.
+
+        Paper preset: [128, 128, 256, 256, 512, 512, 512, 512] (two per level, then two middle blocks).
+        """
+        return [module.conv2.out_channels for module in (*self.encoder, *self.middle)
+                if isinstance(module, ResidualBlock)]
 
     def decoder_block_widths(self) -> list[int]:
         """out_channels of each decoder residual block, in the order `decode` visits them.

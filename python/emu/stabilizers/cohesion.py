@@ -1,0 +1,328 @@
+"""Cohesion (arXiv 2504.14264): a coherent Koopman prior plus diffusion refinement, forecasting as
+trajectory planning.
+
+One home for the method's inference, built on its two trained parts and the shared diffusion core:
+
+- the coherent prior: `emu.models.koopman.KoopmanAutoencoder` (`emu train koopman`) rolls the
+  large-scale flow out over the whole horizon in one call, ubar_{0:T} = D(K^t E(u_0));
+- the score model: `emu.models.score.WindowScoreUNet` (`emu train score`) scores windows of W
+  consecutive frames; `emu.diffusion.compose_window_scores` composes the score of a sequence of any
+  length from them (each frame from the window where it is most central);
+- the sampler: `emu.diffusion.PredictorCorrectorSampler` (exponential-integrator predictor, Langevin
+  corrector) on the continuous-time VP SDE with the cosine schedule (`emu.diffusion.VPSchedule`);
+- the conditioning: `emu.diffusion.guided_eps_fn`, Tweedie-based Gaussian likelihood guidance
+  toward y = A(prior) through an observation operator A (identity, spatial coarsening, or a mask of
+  observed frames for partial priors).
+
+Two modes, one API (`forecast`):
+
+    plan            (R = T) the whole sequence u_{0:T} is denoised at once: one sampler run whose
+                    every network call scores all T - W + 2 windows in one batch;
+    autoregressive  (R = 1) window by window: T sampler runs, run k generating frame k in a window
+                    whose earlier frames are the ones already generated, observed exactly.
+
+Both observe the initial state u_0 in full (A = identity on frame 0) and the prior's frames through
+A. The network evaluations are about the same in both modes (T windows x steps x (1 + corrections));
+plan mode batches them, which is where its speed-up comes from (measured in the evidence, not
+assumed).
+
+A third mode, "prior", returns the Koopman prior alone (no diffusion), the baseline the paper's
+refinement is judged against.
+
+`forecast_to_file` writes the result in the dataset's HDF5 layout (The Well), members after each
+other per trajectory, with the timing of the prior and of the diffusion in the `emu` group.
+
+References: Cohesion (arXiv 2504.14264), sections 2-4; Rozet & Louppe (2023), "Score-based data
+assimilation" (window composition, guidance, the predictor-corrector sampler); Lusch, Kutz & Brunton
+(2018) for the Koopman autoencoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from emu.diffusion import (
+    CoarsenOperator,
+    IdentityOperator,
+    MaskOperator,
+    PredictorCorrectorSampler,
+    compose_window_scores,
+    guided_eps_fn,
+)
+
+MODES = ("plan", "autoregressive", "prior")
+
+
+@dataclass(frozen=True)
+class CohesionSettings:
+    """Sampler and guidance settings of one Cohesion forecast.
+
+    Attributes:
+        steps: predictor steps of the sampler from t = 1 to 0 (the paper: ~256).
+        corrections: Langevin corrector steps after each predictor step.
+        tau: the corrector's step size.
+        strength: multiplier of the likelihood gradient (0: unconditional).
+        observation_noise: sigma_y of the Gaussian likelihood (normalised units).
+        gamma: weight of (sigma/mu)^2 in the likelihood's variance; None: 1/F^2 for "coarsen:F" (the
+            scale of A A^T for F x F block means, measured to give the exact posterior's coarse error
+            on a Gaussian field, tests/test_vp_sampler.py), 1 otherwise.
+        operator: "identity", "coarsen:F" (F x F block means) or "frames:S" (a partial prior: every
+            S-th frame of the prior observed in full, the others not at all).
+        through_network: differentiate the likelihood through the network (SDA's default) or not.
+        max_windows: at most this many windows per network call (memory; None: all at once).
+    """
+
+    steps: int = 64
+    corrections: int = 1
+    tau: float = 0.5
+    strength: float = 1.0
+    observation_noise: float = 0.1
+    gamma: float | None = None
+    operator: str = "coarsen:4"
+    through_network: bool = True
+    max_windows: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1", self.steps),
+            (isinstance(self.corrections, int) and self.corrections >= 0, "corrections", "an integer >= 0",
+             self.corrections),
+            (self.tau > 0, "tau", "> 0", self.tau),
+            (self.strength >= 0, "strength", ">= 0", self.strength),
+            (self.observation_noise >= 0, "observation_noise", ">= 0", self.observation_noise),
+            (self.gamma is None or self.gamma >= 0, "gamma", ">= 0 or None", self.gamma),
+            (self.max_windows is None or (isinstance(self.max_windows, int) and self.max_windows >= 1), "max_windows",
+             "an integer >= 1 or None", self.max_windows),
+        ]
+        for ok, name, allowed, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        parse_operator(self.operator)
+
+    @property
+    def likelihood_gamma(self) -> float:
+        if self.gamma is not None:
+            return float(self.gamma)
+        name, _, argument = self.operator.partition(":")
+        return 1.0 / int(argument) ** 2 if name == "coarsen" else 1.0
+
+    @property
+    def network_evaluations_per_window(self) -> int:
+        """Evaluations of each window by one sampler run: N predictor steps + (N - 1) x corrections
+        (none at t = 0); the guidance adds one backward pass to each."""
+        return self.steps + (self.steps - 1) * self.corrections
+
+
+def parse_operator(spec: str):
+    """'identity' | 'coarsen:F' | 'frames:S' -> make(frames, first) giving the operator on `frames`
+    prior frames whose first is frame `first` of the forecast (frame 0, the initial state, is always
+    observed in full); 'frames:S' observes the frames whose index is a multiple of S."""
+    name, _, argument = str(spec).partition(":")
+    if name == "identity" and not argument:
+        return lambda frames, first=1: IdentityOperator()
+    if name in ("coarsen", "frames") and argument.isdigit() and int(argument) >= 1:
+        value = int(argument)
+        if name == "coarsen":
+            return lambda frames, first=1: CoarsenOperator(value)
+        return lambda frames, first=1: MaskOperator(
+            ((torch.arange(frames) + first) % value == 0).float().reshape(1, -1, 1, 1, 1))
+    raise ValueError(f"operator must be 'identity', 'coarsen:F' or 'frames:S' (F, S integers >= 1), got {spec!r}")
+
+
+class InitialAndPrior:
+    """A(x) for sequences x (B, T + 1, C, y, x): frame 0 in full, concatenated (flattened) with the
+    prior operator applied to frames 1..T, so one Gaussian likelihood holds both observations."""
+
+    def __init__(self, operator, known: int = 1):
+        self.operator, self.known = operator, known
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :self.known].flatten(1), self.operator(x[:, self.known:]).flatten(1)], dim=1)
+
+
+def _window_eps(network) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda windows, t: network(windows, t)
+
+
+def plan(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings: CohesionSettings, *,
+         members: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """R = T: the whole sequence (B, T + 1, C, y, x) in one sampler run, guided toward the initial
+    state (frame 0) and A(prior) (frames 1..T). Returns (members, B, T + 1, C, y, x)."""
+    frames = prior.shape[1]
+    window = network.window
+    if frames < window:
+        raise ValueError(f"the horizon + 1 = {frames} frames must be at least the score network's window {window}")
+    operator = InitialAndPrior(parse_operator(settings.operator)(frames - 1))
+    observed = operator(torch.cat([initial[:, None], prior[:, 1:]], dim=1))
+    eps = guided_eps_fn(lambda x, t: compose_window_scores(_window_eps(network), x, t, window,
+                                                           max_windows=settings.max_windows),
+                        schedule, observed, operator, strength=settings.strength,
+                        observation_noise=settings.observation_noise, gamma=settings.likelihood_gamma,
+                        through_network=settings.through_network)
+    sampler = PredictorCorrectorSampler(schedule, steps=settings.steps, corrections=settings.corrections,
+                                        tau=settings.tau)
+    samples = sampler.sample(eps, tuple(prior.shape), generator, members=members, dtype=prior.dtype,
+                             device=prior.device)
+    samples[:, :, 0] = initial  # the known state itself, not its (near-exact) reconstruction
+    return samples
+
+
+def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings: CohesionSettings, *,
+                   members: int = 1, generator: torch.Generator | None = None,
+                   on_frame: Callable[[int], None] | None = None) -> torch.Tensor:
+    """R = 1: frame k (k = 1..T) from one sampler run over a window of W frames ending at k (the first
+    W frames while k < W), whose frames before k are the ones already generated (observed exactly)
+    and whose frames from k on are observed through A(prior). Returns (members, B, T + 1, C, y, x)."""
+    batch, frames = prior.shape[0], prior.shape[1]
+    window = network.window
+    if frames < window:
+        raise ValueError(f"the horizon + 1 = {frames} frames must be at least the score network's window {window}")
+    make_operator = parse_operator(settings.operator)
+    sampler = PredictorCorrectorSampler(schedule, steps=settings.steps, corrections=settings.corrections,
+                                        tau=settings.tau)
+    # Members are rows of one batch (member-major), as the sampler runs them.
+    states = initial[None].repeat(members, 1, 1, 1, 1).reshape(members * batch, *initial.shape[1:])
+    sequence = [states]
+    repeated_prior = prior.repeat(members, 1, 1, 1, 1)
+    for k in range(1, frames):
+        start = max(0, min(k - window + 1, frames - window))
+        known = k - start
+        past = torch.stack(sequence[start:k], dim=1)
+        operator = InitialAndPrior(make_operator(window - known, k), known=known)
+        observed = torch.cat([past.flatten(1), operator.operator(repeated_prior[:, k:start + window]).flatten(1)], 1)
+        eps = guided_eps_fn(_window_eps(network), schedule, observed, operator, strength=settings.strength,
+                            observation_noise=settings.observation_noise, gamma=settings.likelihood_gamma,
+                            through_network=settings.through_network)
+        window_samples = sampler.sample(eps, (members * batch, window, *prior.shape[2:]), generator,
+                                        dtype=prior.dtype, device=prior.device)
+        sequence.append(window_samples[:, known])
+        if on_frame is not None:
+            on_frame(k)
+    return torch.stack(sequence, dim=1).reshape(members, batch, frames, *prior.shape[2:])
+
+
+def forecast(koopman, network, schedule, initial: torch.Tensor, horizon: int, *, mode: str = "plan",
+             members: int = 1, settings: CohesionSettings | None = None, generator: torch.Generator | None = None,
+             on_frame: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """(members, B, horizon + 1, C, y, x) forecasts from normalised initial states (B, C, y, x), and
+    the timings {"prior_seconds", "diffusion_seconds"}. mode: "plan", "autoregressive" or "prior"."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not (isinstance(horizon, int) and horizon >= 1):
+        raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
+    if not (isinstance(members, int) and members >= 1):
+        raise ValueError(f"members must be an integer >= 1, got {members!r}")
+    settings = settings or CohesionSettings()
+    start = time.perf_counter()
+    with torch.no_grad():
+        prior = koopman.forecast(initial, horizon)
+    timings = {"prior_seconds": time.perf_counter() - start, "diffusion_seconds": 0.0}
+    if mode == "prior":
+        prior = prior.clone()
+        prior[:, 0] = initial  # the known state itself, as in the other modes
+        return prior[None].repeat(members, 1, 1, 1, 1, 1), timings
+    start = time.perf_counter()
+    run = plan if mode == "plan" else autoregressive
+    keywords = {"on_frame": on_frame} if mode == "autoregressive" else {}
+    samples = run(network, schedule, prior, initial, settings, members=members, generator=generator, **keywords)
+    timings["diffusion_seconds"] = time.perf_counter() - start
+    return samples, timings
+
+
+def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon: int, mode: str = "plan",
+                     members: int = 1, trajectories: int = 4, split: str = "test",
+                     settings: CohesionSettings | None = None, device=None, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """`emu forecast`: forecasts from the first snapshot of `trajectories` trajectories of the dataset
+    `init` (split `split`, which must hold data), written to `out` in the dataset's layout with
+    n_trajectories = trajectories x members (trajectory-major: row b M + m is member m of trajectory
+    b), the per-step MSE against the solver where the dataset has it (member-wise), and the timing.
+    `score_checkpoint` may be None for mode "prior"."""
+    from emu.data.loaders import Snapshots
+    from emu.data.well import EMU_GROUP, create_well_file
+    from emu.errors import UserError
+    from emu.training.koopman import load_koopman
+    from emu.training.loop import resolve_device
+    from emu.training.rollouts import require_split
+
+    device = resolve_device(device)
+    settings = settings or CohesionSettings()
+    koopman, normalizer, koopman_payload = load_koopman(koopman_checkpoint)
+    network = schedule = None
+    if mode != "prior":
+        if score_checkpoint is None:
+            raise UserError(f"--mode {mode} needs --score CKPT (the window score network from `emu train score`)")
+        from emu.training.score import load_score
+
+        network, schedule, score_normalizer, _ = load_score(score_checkpoint)
+        if not (torch.allclose(normalizer.mean, score_normalizer.mean) and torch.allclose(normalizer.std, score_normalizer.std)):
+            raise ValueError(f"{score_checkpoint} and {koopman_checkpoint} were trained with other normalisation "
+                             "statistics: train both on the same dataset")
+        network.to(device)
+    koopman.to(device)
+    chosen = require_split(init, split)
+    frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
+    available, stored = frames.shapes[0][0], frames.shapes[0][1]
+    if not (isinstance(trajectories, int) and 1 <= trajectories <= available):
+        raise ValueError(f"trajectories must be in [1, {available}] (the first file of split {chosen!r}), got {trajectories!r}")
+    reference = torch.stack([frames._read(0, t, slice(0, min(stored, horizon + 1))) for t in range(trajectories)])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bar = None
+    if progress and mode == "autoregressive":
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=horizon, unit="frame", desc="forecast (autoregressive)", dynamic_ncols=True)
+    try:
+        samples, timings = forecast(koopman, network, schedule, reference[:, 0].to(device), horizon, mode=mode,
+                                    members=members, settings=settings, generator=generator,
+                                    on_frame=(lambda k: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    # (members, B, T + 1, ...) -> (B members, T + 1, ...), trajectory-major
+    states = samples.transpose(0, 1).reshape(trajectories * members, horizon + 1, *samples.shape[3:]).float().cpu()
+    dataset = koopman_payload["dataset"]
+    config = dataset["config"]
+    channels = dataset["channels"]
+    extent = config.get("domain_extent", config.get("domain_length", 2 * np.pi))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.partial"
+    attributes = {"config": json.dumps(config), "kind": f"cohesion forecast ({mode})", "mode": mode,
+                  "members": members, "koopman": str(koopman_checkpoint), "score": str(score_checkpoint),
+                  "split": chosen, "settings": json.dumps(asdict(settings)), **timings,
+                  "seconds_per_frame": (timings["prior_seconds"] + timings["diffusion_seconds"]) / horizon}
+    handle = create_well_file(temporary, dataset_name=f"emu_forecast_{mode}", channels=channels,
+                              n_trajectories=trajectories * members, n_steps=horizon + 1, grid_size=states.shape[-1],
+                              domain_extent=float(extent), snapshot_interval=dataset["snapshot_interval"],
+                              parameters={}, emu_attributes=attributes,
+                              trajectory_ids=np.repeat(np.arange(trajectories), members),
+                              trajectory_seeds=np.zeros(trajectories * members))
+    physical = normalizer.denormalise(states).numpy()
+    for index, channel in enumerate(channels):
+        handle["t0_fields"][channel][...] = np.swapaxes(physical[:, :, index], -1, -2)
+    compared = reference.shape[1]
+    truth = reference.repeat_interleave(members, dim=0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mse = ((states[:, :compared] - truth) ** 2).mean(dim=(2, 3, 4)).numpy()
+    group = handle[EMU_GROUP]
+    group.attrs["completed"] = trajectories * members
+    group.create_dataset("mse", data=mse)
+    diverged = np.array([int(np.argmax(~np.isfinite(row))) if not np.all(np.isfinite(row)) else -1
+                         for row in states.flatten(2).sum(-1).numpy()], dtype=np.int64)
+    group.create_dataset("diverged_at", data=diverged)
+    handle.close()
+    os.replace(temporary, out)
+    return {"path": out, "mse": mse, "timings": timings, "split": chosen, "members": members}
+
+
+__all__ = ["MODES", "CohesionSettings", "InitialAndPrior", "autoregressive", "forecast", "forecast_to_file",
+           "parse_operator", "plan"]

@@ -1,0 +1,116 @@
+"""Cohesion's forecast (emu.stabilizers.cohesion): plan (R = T) and autoregressive (R = 1) share one
+API and one guidance; the Koopman prior alone is a mode; files carry the dataset layout and timing."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from emu.diffusion import VPSchedule
+from emu.stabilizers.cohesion import CohesionSettings, InitialAndPrior, forecast, parse_operator
+
+QUIET = dict(progress=False, echo=lambda _: None)
+
+
+class CountingScore(torch.nn.Module):
+    """A window 'score network' eps_hat = 0.1 x that counts its calls and the windows it scores."""
+
+    window = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.windows = 0, 0
+
+    def forward(self, windows, t):
+        assert windows.shape[1] == self.window and t.shape == (windows.shape[0],)
+        self.calls += 1
+        self.windows += windows.shape[0]
+        return 0.1 * windows
+
+
+class LinearPrior:
+    """A 'Koopman prior' u_k = 0.9^k u_0."""
+
+    def forecast(self, initial, horizon):
+        return torch.stack([initial * 0.9**k for k in range(horizon + 1)], dim=1)
+
+
+def test_plan_scores_all_windows_in_each_call_and_autoregressive_once_per_frame():
+    initial = torch.randn(2, 1, 8, 8)
+    settings = CohesionSettings(steps=4, corrections=1, operator="coarsen:2")
+    horizon = 6
+    results = {}
+    for mode in ("plan", "autoregressive"):
+        network = CountingScore()
+        samples, timings = forecast(LinearPrior(), network, VPSchedule(), initial, horizon, mode=mode, members=3,
+                                    settings=settings, generator=torch.Generator().manual_seed(0))
+        assert samples.shape == (3, 2, horizon + 1, 1, 8, 8) and torch.isfinite(samples).all()
+        torch.testing.assert_close(samples[:, :, 0], initial[None].expand(3, -1, -1, -1, -1))  # the known state
+        assert timings["diffusion_seconds"] > 0
+        results[mode] = (network.calls, network.windows)
+    evaluations = settings.network_evaluations_per_window  # 4 predictor + 3 corrector steps
+    # plan: one call per evaluation, each with every window of every sequence (members x batch x (T + 1 - W + 1))
+    assert results["plan"] == (evaluations, evaluations * 3 * 2 * (horizon + 1 - 3 + 1))
+    # autoregressive: one sampler run per frame, one window per sequence in each call
+    assert results["autoregressive"] == (evaluations * horizon, evaluations * horizon * 3 * 2)
+    assert evaluations == 7
+
+
+def test_prior_mode_is_the_koopman_forecast_itself():
+    initial = torch.randn(2, 1, 8, 8)
+    samples, timings = forecast(LinearPrior(), None, None, initial, 4, mode="prior", members=2)
+    torch.testing.assert_close(samples[1], LinearPrior().forecast(initial, 4))  # u_0 itself at frame 0, too
+    assert timings["diffusion_seconds"] == 0
+
+
+def test_operators_and_settings_are_checked():
+    x = torch.arange(2 * 4 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 4, 1, 4, 4)
+    both = InitialAndPrior(parse_operator("coarsen:2")(3))
+    observed = both(x)
+    assert observed.shape == (2, 16 + 3 * 4)
+    torch.testing.assert_close(observed[:, :16], x[:, 0].flatten(1))
+    masked = parse_operator("frames:2")(3, 1)(x[:, 1:])  # frames 1, 2, 3: only frame 2 observed
+    assert masked[:, 0].abs().sum() == 0 and masked[:, 2].abs().sum() == 0 and torch.equal(masked[:, 1], x[:, 2])
+    for spec in ("coarse:2", "coarsen:0", "frames:", "identity:3"):
+        with pytest.raises(ValueError, match="operator must be"):
+            parse_operator(spec)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        CohesionSettings(steps=0)
+    with pytest.raises(ValueError, match="mode must be one of plan, autoregressive, prior"):
+        forecast(LinearPrior(), None, None, torch.zeros(1, 1, 4, 4), 3, mode="sample")
+    with pytest.raises(ValueError, match="at least the score network's window"):
+        forecast(LinearPrior(), CountingScore(), VPSchedule(), torch.zeros(1, 1, 4, 4), 1, mode="plan")
+
+
+def test_cli_trains_both_parts_and_forecasts_in_the_dataset_layout(tiny_data, tmp_path):
+    from emu.cli import main
+
+    runner = CliRunner()
+    for command, extra in (("koopman", ["--horizon", "3"]), ("score", ["--window", "3"])):
+        result = runner.invoke(main, ["train", command, "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
+                                      "--out", str(tmp_path / command), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+    for mode in ("plan", "autoregressive", "prior"):
+        out = tmp_path / f"{mode}.h5"
+        arguments = ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--init", str(tiny_data),
+                     "--horizon", "4", "--mode", mode, "--members", "2", "--trajectories", "1", "--steps", "3",
+                     "--out", str(out), "--no-progress"]
+        if mode != "prior":
+            arguments += ["--score", str(tmp_path / "score" / "last.pt")]
+        result = runner.invoke(main, arguments)
+        assert result.exit_code == 0, result.output
+        assert f"1 trajectories x 2 members x 4 frames ({mode})" in result.output
+        with h5py.File(out) as handle:
+            channel = json.loads(handle["emu"].attrs["channels"])[0]
+            assert handle["t0_fields"][channel].shape == (2, 5, 16, 16)
+            assert handle["emu"].attrs["mode"] == mode and handle["emu"].attrs["members"] == 2
+            assert handle["emu"].attrs["prior_seconds"] > 0 and handle["emu"]["mse"].shape == (2, 5)
+            assert np.allclose(handle["emu"]["mse"][:, 0], 0, atol=1e-10)  # frame 0 is the initial state
+    result = runner.invoke(main, ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--init",
+                                  str(tiny_data), "--trajectories", "1", "--horizon", "4", "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code != 0 and "--mode plan needs --score" in result.output
