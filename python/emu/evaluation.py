@@ -248,6 +248,9 @@ def compare_stabilizers(emulator, reference, out, methods: dict, *, trajectories
             normalised = (fields - mean) / std
             mse = np.mean((normalised - normalised_solver) ** 2, axis=(2, 3, 4))
         curves: list = []
+        if fields.shape[1] != steps + 1:
+            raise ValueError(f"{path} holds {fields.shape[1] - 1} steps, {steps} asked: it belongs to another "
+                             "comparison; use another output folder or delete it")
         if fields.shape[0] != trajectories:
             raise ValueError(f"{path} holds {fields.shape[0]} trajectories, {trajectories} expected (one member each)")
         rows = trajectory_metrics(fields, normalised, normalised_solver, config, solver_spectra, solver_autocorrelation,
@@ -346,7 +349,7 @@ def write_results(results: dict, out, *, title: str, notes: list[str] = ()) -> N
 
 
 def _snapshot_steps(steps: int) -> list[int]:
-    picks = sorted({0, *np.unique(np.geomspace(10, steps, 4).astype(int)).tolist()})
+    picks = sorted({0, *np.unique(np.geomspace(min(10, steps), steps, 4).astype(int)).tolist()})
     return picks[-5:] if len(picks) > 5 else picks
 
 

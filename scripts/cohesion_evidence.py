@@ -1,0 +1,167 @@
+"""Cohesion evidence run: a Koopman prior refined by diffusion, planned over the whole horizon (R = T)
+or window by window (R = 1), against the prior alone and the bare emulator (and the Thermalizer and
+SNS where their models are in the folder), through the same evaluation harness.
+
+Stages (each saved and skipped when rerun; in a folder of scripts/thermalizer_evidence.py or
+scripts/sns_evidence.py the data, reference and models there are reused):
+
+  1-3. data, reference, emulator   the Thermalizer script's stages (same presets);
+  4. koopman    the coherent prior (`emu train koopman`, stable operator);
+  5. score      the window score network (`emu train score`, W = 5);
+  6. compare    the harness over `--horizon` steps: emulator, Koopman prior alone, Cohesion plan,
+                Cohesion autoregressive, thermalized and SNS rows when thermalizer/last.pt and
+                sns/last.pt exist in the folder (their rollouts are redone at this horizon in a
+                sub-folder, so a longer comparison beside them is not touched);
+  7. report     results.md / results.json with the forecast-skill table, the plan / autoregressive
+                speed-up and the goals, the harness's figures.
+
+    python scripts/cohesion_evidence.py --out evidence/                 # kolmogorov, this CPU
+    python scripts/cohesion_evidence.py --out evidence/ --horizon 100 --steps 32
+
+Definitions are those of `emu.evaluation` and are repeated in results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import thermalizer_evidence as base  # noqa: E402  (the shared stages)
+
+KOOPMAN_SMALL = {"preset": "small", "batch_size": 32, "lr": 1e-3, "horizon": 8, "stable": True}
+SCORE_SMALL = {"preset": "small", "batch_size": 32, "lr": 1e-3, "window": 5, "ema_decay": 0.999}
+
+PRESETS = {
+    "small": {**base.PRESETS["small"], "koopman": {**KOOPMAN_SMALL, "epochs": 20},
+              "score": {**SCORE_SMALL, "epochs": 20}, "horizon": 200,
+              "sampler": {"steps": 64, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
+                          "operator": "coarsen:4"}},
+    "smoke": {**base.PRESETS["smoke"], "koopman": {**KOOPMAN_SMALL, "epochs": 1, "batch_size": 4, "horizon": 3},
+              "score": {**SCORE_SMALL, "epochs": 1, "batch_size": 4, "window": 3}, "horizon": 8,
+              "sampler": {"steps": 4, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
+                          "operator": "coarsen:2"}},
+}
+log = base.log
+
+
+def stage_koopman(settings: dict, data: Path, out: Path, device) -> Path:
+    from emu.training.koopman import KoopmanTrainingConfig, train_koopman
+
+    return base._train("koopman", KoopmanTrainingConfig, train_koopman, settings, data, out, device) / "last.pt"
+
+
+def stage_score(settings: dict, data: Path, out: Path, device) -> Path:
+    from emu.training.score import ScoreTrainingConfig, train_score
+
+    return base._train("score", ScoreTrainingConfig, train_score, settings, data, out, device) / "last.pt"
+
+
+def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict) -> dict:
+    methods = {
+        "emulator": None,
+        "Koopman prior alone": {"forecast": {"koopman": str(koopman), "mode": "prior"}},
+        "Cohesion, plan (R = T)": {"forecast": {"koopman": str(koopman), "score": str(score), "mode": "plan",
+                                                "settings": sampler}},
+        "Cohesion, autoregressive (R = 1)": {"forecast": {"koopman": str(koopman), "score": str(score),
+                                                          "mode": "autoregressive", "settings": sampler}},
+    }
+    thermalizer, sns = out / "thermalizer" / "last.pt", out / "sns" / "last.pt"
+    if thermalizer.is_file():
+        from emu.stabilizers.thermalizer import read_levels
+
+        levels = (read_levels(thermalizer) or {}).get("automatic")
+        if levels:
+            methods[f"thermalized, automatic ({levels['s_init']}, {levels['s_stop']})"] = {
+                "stabilizer": f"thermalizer:{thermalizer}", "s_init": levels["s_init"], "s_stop": levels["s_stop"]}
+    if sns.is_file():
+        methods["SNS, path A"] = {"stabilizer": f"sns:{sns}", "stabilizer_options": {"path": "A"}}
+    return methods
+
+
+def report(results: dict, settings: dict, preset: str, out: Path) -> None:
+    from emu.evaluation import plot_results, write_results
+
+    methods = results["methods"]
+    plan, autoregressive = methods["Cohesion, plan (R = T)"], methods["Cohesion, autoregressive (R = 1)"]
+    prior, emulator = methods["Koopman prior alone"], methods["emulator"]
+
+    def summary(entry, key):
+        return entry["summary"].get(key, math.nan)
+
+    def worst(entry, key="spectrum_factor_last_half_wsqrt2"):
+        return max(row[key] for row in entry["trajectories"])
+
+    goals = {
+        "speedup_plan_over_autoregressive": autoregressive["seconds_per_step"] / plan["seconds_per_step"],
+        "rmse": {name: summary(methods[name], "rmse_mean") for name in methods},
+        "spectral_divergence_last_half": {name: summary(methods[name], "spectral_divergence_last_half")
+                                          for name in methods},
+        "spectrum_factor_last_half": {name: worst(methods[name]) for name in methods},
+    }
+    results.update({"preset": preset, "settings": settings, "goals": goals})
+    notes = [
+        f"Preset `{preset}` ({settings['system']}); horizon {settings['horizon']} steps from the same initial states "
+        f"for every row; Koopman {json.dumps(settings['koopman'])}; score network {json.dumps(settings['score'])}; "
+        f"sampler and guidance {json.dumps(settings['sampler'])}.",
+        "",
+        f"Speed-up of plan mode over autoregressive mode (wall time per forecast step, 8 trajectories x 1 member, "
+        f"this CPU): **{goals['speedup_plan_over_autoregressive']:.2f}x** (goal >= 10x at equal quality); quality: "
+        f"RMSE plan {summary(plan, 'rmse_mean'):.3g} vs autoregressive {summary(autoregressive, 'rmse_mean'):.3g}, "
+        f"SpecDiv {summary(plan, 'spectral_divergence_last_half'):.3g} vs "
+        f"{summary(autoregressive, 'spectral_divergence_last_half'):.3g}.",
+        "",
+        f"Cohesion plan vs the Koopman prior alone vs the bare emulator: RMSE {summary(plan, 'rmse_mean'):.3g} / "
+        f"{summary(prior, 'rmse_mean'):.3g} / {summary(emulator, 'rmse_mean'):.3g}; SpecDiv "
+        f"{summary(plan, 'spectral_divergence_last_half'):.3g} / {summary(prior, 'spectral_divergence_last_half'):.3g} / "
+        f"{summary(emulator, 'spectral_divergence_last_half'):.3g}; worst E(k) factor over the last half "
+        f"{worst(plan):.3g} / {worst(prior):.3g} / {worst(emulator):.3g} (goal: Cohesion <= 1.5 where the prior is not).",
+    ]
+    write_results(results, out, title=f"Cohesion evidence ({settings['system']})", notes=notes)
+    plot_results(results, out, system_title=settings["system"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("evidence"), help="output folder (default: evidence/)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--horizon", type=int, default=None, help="forecast steps (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
+    args = parser.parse_args(argv)
+    settings = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.horizon is not None:
+        if args.horizon < settings["score"]["window"]:
+            parser.error(f"--horizon must be >= the score window {settings['score']['window']}, got {args.horizon}")
+        settings["horizon"] = args.horizon
+    if args.steps is not None:
+        settings["sampler"]["steps"] = args.steps
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    clock = {}
+    timed = base.stage_timer(clock)
+
+    from emu.evaluation import compare_stabilizers
+
+    data = timed("data", base.stage_data, settings, out)
+    reference = timed("reference", base.stage_reference, settings, out)
+    emulator = timed("emulator", base.stage_emulator, settings, data, out, args.device)
+    koopman = timed("koopman", stage_koopman, settings, data, out, args.device)
+    score = timed("score", stage_score, settings, data, out, args.device)
+    comparison = out / f"cohesion_h{settings['horizon']}"
+    methods = methods_to_compare(out, koopman, score, settings["sampler"])
+    results = timed("compare", compare_stabilizers, emulator, reference, comparison, methods,
+                    trajectories=settings["reference_trajectories"], steps=settings["horizon"], device=args.device,
+                    progress=base.PROGRESS, echo=log)
+    results["stage_seconds"] = clock
+    timed("report", report, results, settings, args.preset, comparison)
+    print((comparison / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
