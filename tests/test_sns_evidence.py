@@ -58,3 +58,18 @@ def test_sns_evidence_smoke_run_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "trajectories x 12 steps ..." not in log
     assert {path: path.stat().st_mtime_ns for path in out.glob("*/last.pt")} == trained and len(trained) == 3
+
+
+def test_stabilizer_cost_script_on_the_smoke_folder(tmp_path):
+    """scripts/stabilizer_cost.py times every part present in an evidence folder, interleaved."""
+    script = _load_script()
+    out = tmp_path / "evidence"
+    arguments = ["--out", str(out), "--preset", "smoke", "--device", "cpu"]
+    assert script.main(arguments) == 0
+    spec = importlib.util.spec_from_file_location("stabilizer_cost", SCRIPT.parent / "stabilizer_cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    assert cost.main(["--folder", str(out), "--rounds", "2", "--steps", "2", "--horizon", "4", "--sampler-steps", "2"]) == 0
+    report = json.loads((out / "cost.json").read_text())
+    assert {"emulator", "thermalizer (automatic levels)", "SNS path A", "SNS path C"} <= set(report["entries"])
+    assert all(entry["median_ms_per_step"] > 0 for entry in report["entries"].values())
