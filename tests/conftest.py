@@ -78,3 +78,18 @@ def tiny_data(tmp_path_factory):
                           interval=3, spinup_steps=30, downsample=16, batch=6, split=(4 / 6, 1 / 6, 1 / 6), seed=1)
     generate(plan, directory)
     return directory
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts folder on sys.path, as when it runs, for its sibling
+    imports)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,22 +7,15 @@ numbers (the same initial states and emulator for every row), and that a rerun r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sns_evidence.py"
 
 
 def _load_script():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("sns_evidence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sns_evidence")
 
 
 def test_sns_evidence_smoke_run_and_resume(tmp_path, capsys):
@@ -66,9 +59,7 @@ def test_stabilizer_cost_script_on_the_smoke_folder(tmp_path):
     out = tmp_path / "evidence"
     arguments = ["--out", str(out), "--preset", "smoke", "--device", "cpu"]
     assert script.main(arguments) == 0
-    spec = importlib.util.spec_from_file_location("stabilizer_cost", SCRIPT.parent / "stabilizer_cost.py")
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
+    cost = load_script("stabilizer_cost")
     assert cost.main(["--folder", str(out), "--rounds", "2", "--steps", "2", "--horizon", "4", "--sampler-steps", "2"]) == 0
     report = json.loads((out / "cost.json").read_text())
     assert {"emulator", "thermalizer (automatic levels)", "SNS path A", "SNS path C"} <= set(report["entries"])

@@ -126,6 +126,17 @@ class LevelLoss(nn.Module):
         return soft_cross_entropy(logits, self.targets[levels])
 
 
+def prepare_training(settings: LevelTrainingSettings) -> tuple[loop.Context, dict, Normalizer, int]:
+    """(context, dataset info, training-split normaliser, field channels) of a run; seeds torch per
+    rank so the levels and noises differ between DDP ranks."""
+    from emu.training.trainer import dataset_info
+
+    context = loop.make_context(settings.device)
+    torch.manual_seed(settings.seed + context.rank)
+    info = dataset_info(settings.data)
+    return context, info, Normalizer.from_dataset(settings.data), len(info["channels"])
+
+
 def fit_level_model(kind: str, network: nn.Module, objective: nn.Module, train_set, valid_set,
                     evaluate: Callable[[nn.Module], dict], settings: LevelTrainingSettings, context: loop.Context,
                     out, *, normalizer: Normalizer, schedule: CosineSchedule, info: dict, extras: dict | None = None,

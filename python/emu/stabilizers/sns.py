@@ -67,9 +67,8 @@ from emu.data.well import split_files
 from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
 from emu.models import make_model
 from emu.stabilizers.base import RolloutHistory
-from emu.stabilizers.levels import LevelLoss, LevelTrainingSettings, fit_level_model, load_level_model
-from emu.training import loop
-from emu.training.trainer import dataset_info
+from emu.stabilizers.levels import (LevelLoss, LevelTrainingSettings, fit_level_model, load_level_model,
+                                   prepare_training)
 
 CLEAN = -1  # path coordinate of a frame with no noise left (one step below DDPM level 0)
 
@@ -422,11 +421,7 @@ def train_sns(config: SNSTrainingConfig, out, *, resume: bool = False, overwrite
               progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Trains (or resumes, or with a larger `config.epochs` extends) an SNS model into `out`; returns
     the last epoch's metrics. Output folder, resume and NaN handling as in `loop.fit`."""
-    context = loop.make_context(config.device)
-    torch.manual_seed(config.seed + context.rank)  # levels and noise differ between DDP ranks
-    info = dataset_info(config.data)
-    normalizer = Normalizer.from_dataset(config.data)
-    channels = len(info["channels"])
+    context, info, normalizer, channels = prepare_training(config)
     train_set = FrameGroups(config.data, "train", offsets=config.offsets, normalizer=normalizer,
                             stride=config.snapshot_stride)
     valid_set = (FrameGroups(config.data, "valid", offsets=config.offsets, normalizer=normalizer,

@@ -56,9 +56,8 @@ from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
 from emu.models import make_model
 from emu.stabilizers.base import RolloutHistory
 from emu.stabilizers.levels import (PRESET_LEVEL_OPTIONS, LevelLoss, LevelTrainingSettings,  # noqa: F401
-                                   fit_level_model, load_level_model)
+                                   fit_level_model, load_level_model, prepare_training)
 from emu.training import loop
-from emu.training.trainer import dataset_info
 
 DEFAULT_LEVELS = {"s_init": 7, "s_stop": 4}  # the paper's Kolmogorov UNet pair, when nothing was calibrated
 CALIBRATION_LEVELS = tuple(range(0, 101))
@@ -251,11 +250,7 @@ def train_thermalizer(config: ThermalizerTrainingConfig, out, *, resume: bool = 
                       progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Trains (or resumes, or with a larger `config.epochs` extends) a thermalizer into `out`; returns
     the last epoch's metrics. Output folder, resume and NaN handling as in `loop.fit`."""
-    context = loop.make_context(config.device)
-    torch.manual_seed(config.seed + context.rank)  # levels and noise differ between DDP ranks
-    info = dataset_info(config.data)
-    normalizer = Normalizer.from_dataset(config.data)
-    channels = len(info["channels"])
+    context, info, normalizer, channels = prepare_training(config)
     train_set = Snapshots(config.data, "train", snapshots="all", normalizer=normalizer, stride=config.snapshot_stride)
     valid_set = (Snapshots(config.data, "valid", snapshots="all", normalizer=normalizer, stride=config.snapshot_stride)
                  if split_files(config.data, "valid") else None)
