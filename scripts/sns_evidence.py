@@ -19,6 +19,7 @@ the bare and thermalized rollouts there are not redone) and adds SNS:
 
     python scripts/sns_evidence.py --out evidence/                     # kolmogorov, this CPU (~1.5 h)
     python scripts/sns_evidence.py --system qg --out evidence-qg-jet/  # QG jet, reduced scale
+    python scripts/sns_evidence.py --system qg --qg-preset eddy --out evidence-qg/   # beside the Thermalizer's QG run
     python scripts/sns_evidence.py --out evidence/ --paths A,C --threshold 5
 
 Definitions are those of `emu.evaluation` and are repeated in results.md.
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["small", "smoke"], default="small")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=None, help="rollout length (default: the preset's)")
+    parser.add_argument("--qg-preset", choices=["jet", "eddy"], default="jet",
+                        help="QG configuration (default: jet, the SNS paper's; eddy is the Thermalizer run's, whose "
+                             "folder from scripts/thermalizer_evidence.py --system qg this then reuses)")
     parser.add_argument("--sns-epochs", type=int, default=None)
     parser.add_argument("--paths", default="A", help="comma-separated SNS paths to roll out (default: A)")
     parser.add_argument("--threshold", type=int, default=None,
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = args.preset + ("-qg" if args.system == "qg" else "")
     settings = json.loads(json.dumps(PRESETS[preset]))
+    if args.system == "qg":
+        settings["preset"] = args.qg_preset
     paths = [path.strip() for path in args.paths.split(",") if path.strip()]
     if not paths or any(path not in ("A", "B", "C") for path in paths):
         parser.error(f"--paths must be a comma-separated list of A, B, C; got {args.paths!r}")
