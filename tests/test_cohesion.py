@@ -114,3 +114,14 @@ def test_cli_trains_both_parts_and_forecasts_in_the_dataset_layout(tiny_data, tm
     result = runner.invoke(main, ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--init",
                                   str(tiny_data), "--trajectories", "1", "--horizon", "4", "--out", str(tmp_path / "x.h5")])
     assert result.exit_code != 0 and "--mode plan needs --score" in result.output
+
+
+def test_the_coarse_prior_operator_has_the_full_frames_scale():
+    """A A^T = I for the coarsened prior as for the full initial frame, so one likelihood gamma is
+    consistent for both (with plain block means, A A^T = I/F^2, a shared gamma of 1/F^2 made the full
+    frames' pull overshoot and the autoregressive mode blew up within 3 frames)."""
+    operator = parse_operator("coarsen:4")(1)
+    y = torch.randn(2, 1, 1, 2, 2)
+    x = torch.zeros(2, 1, 1, 8, 8, requires_grad=True)
+    (adjoint,) = torch.autograd.grad((operator(x) * y).sum(), x)  # A^T y
+    torch.testing.assert_close(operator(adjoint), y)

@@ -807,7 +807,7 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
 @click.option("--observation-noise", type=float, default=0.1, show_default=True,
               help="sigma_y of the Gaussian likelihood of the prior (normalised units).")
 @click.option("--gamma", type=float, default=None,
-              help="Weight of (sigma/mu)^2 in its variance. [default: 1/F^2 for coarsen:F, else 1]")
+              help="Weight of (sigma/mu)^2 in its variance. [default: 1]")
 @click.option("--operator", default="coarsen:4", show_default=True,
               help="How the prior is observed: identity, coarsen:F (F x F block means) or frames:S (every S-th frame).")
 @click.option("--seed", type=int, default=0, show_default=True)
