@@ -93,3 +93,26 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def interrupted_run(module, train, *, on_call: int = 2, before: bool = False):
+    """Runs train() with module.evaluate raising KeyboardInterrupt at its `on_call`-th call (after
+    that call's work, or before it with `before`): a run killed during an epoch's validation, for the
+    resume tests. Asserts that the interrupt came through; module.evaluate is restored."""
+    original, calls = module.evaluate, {"n": 0}
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if before and calls["n"] == on_call:
+            raise KeyboardInterrupt
+        result = original(*args, **kwargs)
+        if calls["n"] == on_call:
+            raise KeyboardInterrupt
+        return result
+
+    module.evaluate = evaluate
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train()
+    finally:
+        module.evaluate = original

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_run
 
 from emu.errors import UserError
 from emu.models.koopman import PRESETS, KoopmanAutoencoder, make_koopman
@@ -194,21 +195,7 @@ def test_training_writes_checkpoints_and_resumes_exactly(tiny_data, tmp_path):
     # An interrupted run (killed during epoch 2's validation) resumed gives the same weights.
     stopped = tmp_path / "stopped"
     config = KoopmanTrainingConfig(epochs=2, **base)
-    original = koopman_training.evaluate
-    calls = {"n": 0}
-
-    def stop_in_the_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    koopman_training.evaluate = stop_in_the_second_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_koopman(config, stopped, progress=False, echo=_quiet)
-    finally:
-        koopman_training.evaluate = original
+    interrupted_run(koopman_training, lambda: train_koopman(config, stopped, progress=False, echo=_quiet), before=True)
     assert load_checkpoint(stopped / "last.pt")["epoch"] == 1
     train_koopman(config, stopped, resume=True, progress=False, echo=_quiet)
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(stopped / "last.pt")

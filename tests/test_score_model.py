@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_run
 from emu.diffusion.vp import VPSchedule
 from emu.errors import UserError
 from emu.models import UNet, count_parameters, make_model
@@ -316,23 +317,9 @@ def test_training_writes_its_files_loads_and_resumes_exactly(tiny_data, tmp_path
     # An interrupted run (stopped after epoch 1 of 2) resumed gives the uninterrupted run's weights.
     import emu.training.score as score_training
 
-    original = score_training.evaluate
-    calls = {"n": 0}
-
-    def stop_after_first_epoch(*args, **kwargs):
-        calls["n"] += 1
-        result = original(*args, **kwargs)
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return result
-
     stopped = tmp_path / "stopped"
-    score_training.evaluate = stop_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_score(ScoreTrainingConfig(epochs=2, **base), stopped, progress=False, echo=_quiet)
-    finally:
-        score_training.evaluate = original
+    interrupted_run(score_training, lambda: train_score(ScoreTrainingConfig(epochs=2, **base), stopped, progress=False,
+                                                        echo=_quiet))
     assert loop.load_checkpoint(stopped / "last.pt", "score")["epoch"] == 1
     train_score(ScoreTrainingConfig(epochs=2, **base), stopped, resume=True, progress=False, echo=_quiet)
     a, b = loop.load_checkpoint(straight / "last.pt", "score"), loop.load_checkpoint(stopped / "last.pt", "score")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from conftest import interrupted_run
 
 from emu.data.loaders import FrameGroups, Normalizer
 from emu.diffusion import CosineSchedule, DDPMScheduler, add_noise
@@ -267,21 +268,7 @@ def test_training_writes_checkpoints_and_metrics_and_resumes_exactly(tiny_data, 
                 "valid_low_level_abs_error_previous"):
         assert np.isfinite(rows[-1][key])
     stopped = tmp_path / "stopped"
-    original, calls = sns.evaluate, {"n": 0}
-
-    def stop_after_first_epoch(*args, **kwargs):
-        calls["n"] += 1
-        result = original(*args, **kwargs)
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return result
-
-    sns.evaluate = stop_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_sns(config, stopped, **QUIET)
-    finally:
-        sns.evaluate = original
+    interrupted_run(sns, lambda: train_sns(config, stopped, **QUIET))
     train_sns(config, stopped, resume=True, **QUIET)
     a, b = load_checkpoint(straight / "last.pt", "sns"), load_checkpoint(stopped / "last.pt", "sns")
     assert a["format"] == "emu-sns" and a["anchor_lag"] == 3

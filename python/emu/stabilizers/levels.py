@@ -127,14 +127,13 @@ class LevelLoss(nn.Module):
 
 
 def prepare_training(settings: LevelTrainingSettings) -> tuple[loop.Context, dict, Normalizer, int]:
-    """(context, dataset info, training-split normaliser, field channels) of a run; seeds torch per
-    rank so the levels and noises differ between DDP ranks."""
-    from emu.training.trainer import dataset_info
+    """`emu.training.trainer.prepare_training`, then torch seeded per rank so that the levels and
+    noises differ between DDP ranks."""
+    from emu.training.trainer import prepare_training as prepare
 
-    context = loop.make_context(settings.device)
+    context, info, normalizer, channels = prepare(settings)
     torch.manual_seed(settings.seed + context.rank)
-    info = dataset_info(settings.data)
-    return context, info, Normalizer.from_dataset(settings.data), len(info["channels"])
+    return context, info, normalizer, channels
 
 
 def fit_level_model(kind: str, network: nn.Module, objective: nn.Module, train_set, valid_set,

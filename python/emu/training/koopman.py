@@ -37,7 +37,7 @@ from emu.data.loaders import Normalizer, TrajectoryWindows
 from emu.data.well import split_files
 from emu.models.koopman import PRESETS, KoopmanAutoencoder, make_koopman
 from emu.training import loop
-from emu.training.trainer import dataset_info
+from emu.training.trainer import prepare_training
 
 KIND = "koopman"
 
@@ -167,11 +167,8 @@ def train_koopman(config: KoopmanTrainingConfig, out, *, resume: bool = False, o
     returns the last epoch's metrics. `out` must be empty or new unless `resume` or `overwrite` (see
     `loop.fit`, which also stops on NaN/inf). Checkpoints (format "emu-koopman") carry model_config,
     the normaliser and the dataset info; `load_koopman` reads them."""
-    context = loop.make_context(config.device)
+    context, info, normalizer, channels = prepare_training(config)
     torch.manual_seed(config.seed)
-    info = dataset_info(config.data)
-    normalizer = Normalizer.from_dataset(config.data)
-    channels = len(info["channels"])
     train_set = TrajectoryWindows(config.data, "train", unroll=config.horizon, normalizer=normalizer)
     valid_set = (TrajectoryWindows(config.data, "valid", unroll=config.horizon, normalizer=normalizer)
                  if split_files(config.data, "valid") else None)

@@ -51,7 +51,7 @@ from emu.models.score import (
     score_network_from_config,
 )
 from emu.training import loop
-from emu.training.trainer import dataset_info
+from emu.training.trainer import prepare_training
 
 KIND = "score"
 VALIDATION_SEED = 12345
@@ -194,11 +194,8 @@ def train_score(config: ScoreTrainingConfig, out, *, resume: bool = False, overw
                 progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Trains (or resumes, or with a larger `config.epochs` extends) a window score network into `out`;
     returns the last epoch's metrics. Output folder, resume and NaN handling as in `loop.fit`."""
-    context = loop.make_context(config.device)
-    info = dataset_info(config.data)
     check_window(config.data, config.window)
-    normalizer = Normalizer.from_dataset(config.data)
-    channels = len(info["channels"])
+    context, info, normalizer, channels = prepare_training(config)
     unroll = config.window - 1
     train_set = TrajectoryWindows(config.data, "train", unroll=unroll, normalizer=normalizer,
                                   stride=config.window_stride)

@@ -98,16 +98,21 @@ def dataset_info(directory) -> dict:
                 "snapshot_interval": float(group.attrs["snapshot_interval"])}
 
 
+
+def prepare_training(settings) -> tuple[loop.Context, dict, Normalizer, int]:
+    """(context, dataset info, training-split normaliser, field channels) of a training run on
+    `settings.data` and `settings.device` (every trainer's first step; each seeds torch itself)."""
+    context = loop.make_context(settings.device)
+    info = dataset_info(settings.data)
+    return context, info, Normalizer.from_dataset(settings.data), len(info["channels"])
+
 def train_emulator(config: TrainingConfig, out, *, resume: bool = False, overwrite: bool = False,
                    progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Trains (or resumes, or with a larger `config.epochs` extends) an emulator into `out`; returns
     the last epoch's metrics. `out` must be empty or new unless `resume` or `overwrite` (see
     `loop.fit`, which also stops on NaN/inf and documents what resume does to the schedule)."""
-    context = loop.make_context(config.device)
+    context, info, normalizer, channels = prepare_training(config)
     torch.manual_seed(config.seed)
-    info = dataset_info(config.data)
-    normalizer = Normalizer.from_dataset(config.data)
-    channels = len(info["channels"])
     train_set = TrajectoryWindows(config.data, "train", unroll=config.unroll, normalizer=normalizer)
     valid_set = (TrajectoryWindows(config.data, "valid", unroll=config.unroll, normalizer=normalizer)
                  if split_files(config.data, "valid") else None)
