@@ -11,8 +11,10 @@ What is checked:
   - every file parses (no error nodes, no parser diagnostics);
   - every `include` target exists, and every file in src/ is reached from the module's entry file;
   - every `using`/`import` of a package is declared: src/ in [deps]; ext/ in [deps] or the
-    extension's own [weakdeps] triggers; test/ in [deps] or [extras] named in [targets].test;
-    scripts/ in the development environment's Project.toml (or a Julia stdlib);
+    extension's own [weakdeps] triggers; test/ in [deps] or [extras] named in [targets].test,
+    guarded (`if Base.find_package(...)`) loads included: Pkg.test() installs only that target, so
+    a guarded load of a package outside it never runs; scripts/ in the development environment's
+    Project.toml (or a Julia stdlib);
   - every exported name is defined in its module (or imported by name into it);
   - every (name, arity) the Python bridge calls (`emu.julia.JULIA_CALLS`) has a method in src/
     accepting that many positional arguments with no required keywords;
@@ -513,14 +515,21 @@ def _describe(method: Method) -> str:
 
 def check_imports(facts: ModuleFacts, allowed: set[str], where: str, own: set[str] = frozenset(),
                   optional: set[str] = frozenset()) -> list[str]:
-    """Every package imported by the module's files is in `allowed` (or is the package itself); a load
-    inside an `if` (e.g. guarded by `Base.find_package`) may also name a package in `optional`."""
+    """Every package imported by the module's files is in `allowed` (or is the package itself), loads
+    inside an `if` (e.g. guarded by `Base.find_package`) included. A guarded load of a package that is
+    only in `optional` ([extras] or [weakdeps] of a test file's project) is reported as unreachable."""
     problems = []
     for package, path in _gather(facts, "imports"):
         if package not in own and package not in allowed:
             problems.append(f"{path}: `using`/`import` {package}, which is not declared in {where}")
     for package, path in _gather(facts, "optional_imports"):
-        if package not in own and package not in allowed and package not in optional:
+        if package in own or package in allowed:
+            continue
+        if package in optional:
+            problems.append(f"{path}: `using`/`import` {package} (guarded by an `if`) is in [extras] or [weakdeps] "
+                            f"but not in {where}: Pkg.test() never installs it, so the guarded tests never run; "
+                            f"add {package} to [targets].test")
+        else:
             problems.append(f"{path}: `using`/`import` {package} (guarded by an `if`), which is not declared in "
                             f"{where}, [extras] or [weakdeps]")
     return problems

@@ -389,10 +389,19 @@ def test_fused_kernels_cross_the_bridge_in_numpys_layout(fake_julia, dtype):
 
 @pytest.fixture(scope="module")
 def julia_runtime():
+    # pytest has imported torch while collecting the other test modules, so `start` would refuse to
+    # import juliacall after it: these tests accept juliacall's warning (EMU_JULIA_AFTER_TORCH=warn).
+    previous = os.environ.get("EMU_JULIA_AFTER_TORCH")
+    os.environ["EMU_JULIA_AFTER_TORCH"] = "warn"
     try:
         return bridge.start()
     except BackendUnavailable as error:
         pytest.skip(f"Julia cannot start here: {error}")
+    finally:
+        if previous is None:
+            os.environ.pop("EMU_JULIA_AFTER_TORCH", None)
+        else:
+            os.environ["EMU_JULIA_AFTER_TORCH"] = previous
 
 
 @pytest.mark.julia

@@ -154,10 +154,11 @@ GOOD_PROJECT = """
     julia = "1.10"
 
     [extras]
+    CUDA = "052768ef-5323-5732-b1bb-66c8b64840ba"
     Test = "8dfed614-e22c-5e08-85e1-65c5234f0b40"
 
     [targets]
-    test = ["Test"]
+    test = ["CUDA", "Test"]
 """
 
 
@@ -213,7 +214,8 @@ def test_checker_reports_every_kind_of_breakage(fatou, tmp_path):
                .replace('    FFTW = "1.8"\n', "")
                .replace('    CUDA = "5"\n', '    CUDA = ">= 5"\n')
                .replace('uuid = "11111111-2222-4333-8444-555555555555"', 'uuid = "not-a-uuid"')
-               .replace('[weakdeps]\n    CUDA', '[weakdeps]\n    Adapt = "79e6a3ab-5dfb-504d-930d-738a2a938a0e"\n    CUDA'))
+               .replace('[weakdeps]\n    CUDA', '[weakdeps]\n    Adapt = "79e6a3ab-5dfb-504d-930d-738a2a938a0e"\n    CUDA')
+               .replace('test = ["CUDA", "Test"]', 'test = ["Test"]'))
     folder = _write(tmp_path / "broken", {
         "Project.toml": project,
         "src/Good.jl": """
@@ -247,6 +249,9 @@ def test_checker_reports_every_kind_of_breakage(fatou, tmp_path):
             if Base.find_package("Missing") !== nothing
                 using Missing
             end
+            if Base.find_package("CUDA") !== nothing  # in [extras] but not in the test target
+                using CUDA
+            end
             """,
     })
     problems = "\n".join(js.check_package(folder))
@@ -266,6 +271,7 @@ def test_checker_reports_every_kind_of_breakage(fatou, tmp_path):
         "`using`/`import` BenchmarkTools, which is not declared",
         "exports `missing_function`, which it does not define",
         "`using`/`import` Missing (guarded by an `if`), which is not declared",
+        "`using`/`import` CUDA (guarded by an `if`) is in [extras] or [weakdeps] but not in",
     ]
     missing = [text for text in expected if text not in problems]
     assert not missing, f"not reported: {missing}\n--- reported:\n{problems}"

@@ -12,6 +12,11 @@
 # are KernelAbstractions kernels: the same source runs on the CPU (any Julia user can test them) and
 # on CUDA arrays (extension). Sample b of element i (linear index) is (i - 1) ÷ per_sample + 1, with
 # per_sample the product of all dimensions but the last.
+#
+# On a GPU these kernels are a correctness path, not a fast one: the coefficients arrive as host
+# vectors and are copied to the device on every call, and every call synchronises (CUDA.jl's own
+# stream). Python therefore runs DDPM steps on CUDA tensors with emu's CuPy kernels (same Philox
+# noise, on torch's stream; python/emu/julia.py, `fused_ddpm_step`), and Julia's only on request.
 
 "Per-sample coefficients: `values` rounded to `T` and copied next to `like` (host or device)."
 function sample_coefficients(

@@ -76,6 +76,32 @@ function jax_cfd_mask(num_points::Integer)
 end
 
 """
+    jax_cfd_wavenumbers(num_points, domain_extent) -> (kx, ky)
+
+jax-cfd's derivative wavenumbers as they act on a real field, Julia layout: `kx` a
+`(n ÷ 2 + 1, n)` matrix, `ky` a `(1, n)` row; `im .* kx .* f̂` is ∂f/∂x and `im .* ky .* f̂` is
+∂f/∂y as jax-cfd computes them. Twin of `emu.grid.jax_cfd_wavenumbers` (read its docstring): the
+grid's wavenumbers except at the Nyquist index n/2, where
+`kx[n ÷ 2 + 1, j] = -(n/2) sign(ky[j]) (2π / L)`, 0 at the y indices 0 and n/2, and
+`ky[n ÷ 2 + 1] = 0` (emu's own convention, `angular_wavenumbers`, is the opposite: the x
+derivative has no Nyquist part and the y one keeps ky = -n/2).
+"""
+function jax_cfd_wavenumbers(num_points::Integer, domain_extent::Real)
+    n = num_points
+    nyquist = n ÷ 2
+    fundamental = 2π / domain_extent
+    kx, ky = angular_wavenumbers(n, domain_extent)
+    # (n ÷ 2 + 1, n): the Nyquist row depends on the column
+    kx = repeat(reshape(kx, :, 1), 1, n)
+    ky = copy(reshape(ky, 1, :))
+    _, index_y = angular_wavenumbers(n, 2π) # fftfreq(n, 1/n)
+    kx[nyquist + 1, :] .= -nyquist .* fundamental .* sign.(index_y)
+    kx[nyquist + 1, [1, nyquist + 1]] .= 0.0 # the self-conjugate points (dropped anyway)
+    ky[1, nyquist + 1] = 0.0
+    return kx, ky
+end
+
+"""
     exponential_filter(num_points; filter_factor=23.6, cutoff=0.65π) -> Matrix{Float64}
 
 pyqg's filter `exp(-filter_factor (|k| dx - cutoff)^4)` above `cutoff`, 1 below, size

@@ -23,8 +23,8 @@ struct KolmogorovEquation{R2, C2, F, C4, R4, C3, R3, P4, PF, P1}
     forcing_hat::F      # F̂ = -i ky f̂x, or nothing without forcing
     to_u::C2            # i ky / |k|²: ω̂ -> û
     to_v::C2            # -i kx / |k|²: ω̂ -> v̂
-    ikx::C2
-    iky::C2
+    derivative_x::C2    # i kx: ω̂ -> (∂ω/∂x)^
+    derivative_y::C2    # i ky: ω̂ -> (∂ω/∂y)^
     dealias::R2
     negative_dealias::R2 # the mask with the advection's minus sign
     spectral::C4         # (n ÷ 2 + 1, n, batch, 4): û, v̂, i kx ω̂, i ky ω̂
@@ -48,11 +48,25 @@ function KolmogorovEquation(
     n = config.grid_size
     grid = Grid(n, config.domain_extent)
     k2 = grid.wavenumber_squared
-    kx = reshape(grid.kx, :, 1)
-    ky = reshape(grid.ky, 1, :)
     real_array(host) = to_device(device, T.(host))
     complex_array(host) = to_device(device, Complex{T}.(host))
     linear_operator = real_array(-config.viscosity .* k2 .- config.drag)
+    # Products of constant factors, precomputed so each stage multiplies once per field. Every
+    # spectral derivative goes through them, so they carry the Nyquist convention (Python's
+    # `KolmogorovConfig.dealias`): derivative_x = i kx, derivative_y = i ky, to_u = i ky / |k|²,
+    # to_v = -i kx / |k|². emu's convention: the grid's wavenumbers; jax-cfd's: the same except at
+    # the Nyquist index (`jax_cfd_wavenumbers`), kx a full (n ÷ 2 + 1, n) matrix.
+    if config.dealias == "jax-cfd"
+        kx, ky = jax_cfd_wavenumbers(n, config.domain_extent)
+    else
+        kx = reshape(grid.kx, :, 1)
+        ky = reshape(grid.ky, 1, :)
+    end
+    derivative_x = complex_array(1im .* kx .* ones(1, n))
+    derivative_y = complex_array(1im .* ky .* ones(n ÷ 2 + 1, 1))
+    inverse_k2 = grid.inverse_wavenumber_squared
+    to_u = complex_array(1im .* ky .* inverse_k2)
+    to_v = complex_array(-1im .* kx .* inverse_k2)
     # Forcing: the velocity forcing (A sin(k_f y), 0) on the grid points, curled spectrally:
     # F̂ = i kx f̂y - i ky f̂x = -i ky f̂x.
     y = reshape(grid.y, 1, :) .* ones(n, 1)
@@ -63,12 +77,7 @@ function KolmogorovEquation(
     forcing_hat = config.forcing_wavenumber == 0 ?
         nothing :
         complex_array(-1im .* ky .* fx_hat)
-    # Products of constant factors, precomputed so each stage multiplies once per field.
-    inverse_k2 = grid.inverse_wavenumber_squared
-    to_u = complex_array(1im .* ky .* inverse_k2)
-    to_v = complex_array(-1im .* kx .* inverse_k2)
-    ikx = complex_array(1im .* kx .* ones(1, n))
-    iky = complex_array(1im .* ky .* ones(n ÷ 2 + 1, 1))
+    # The advection's mask, and the mask with the advection's minus sign.
     mask = config.dealias == "two_thirds" ? two_thirds_mask(n) : jax_cfd_mask(n)
     dealias = real_array(mask)
     negative_dealias = real_array(-mask)
@@ -90,8 +99,8 @@ function KolmogorovEquation(
         forcing_hat,
         to_u,
         to_v,
-        ikx,
-        iky,
+        derivative_x,
+        derivative_y,
         dealias,
         negative_dealias,
         spectral,
@@ -134,8 +143,8 @@ function velocity_physical!(equation::KolmogorovEquation, omega_hat::AbstractArr
     spectral = equation.spectral
     view(spectral, :, :, :, 1) .= equation.to_u .* omega_hat
     view(spectral, :, :, :, 2) .= equation.to_v .* omega_hat
-    view(spectral, :, :, :, 3) .= equation.ikx .* omega_hat
-    view(spectral, :, :, :, 4) .= equation.iky .* omega_hat
+    view(spectral, :, :, :, 3) .= equation.derivative_x .* omega_hat
+    view(spectral, :, :, :, 4) .= equation.derivative_y .* omega_hat
     mul!(equation.physical, equation.inverse_stack, spectral) # destroys `spectral`: scratch
     physical = equation.physical
     return (

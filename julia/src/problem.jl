@@ -42,6 +42,8 @@ function Problem(
 )
     T in (Float32, Float64) || throw(ArgumentError("T must be Float32 or Float64, got $T"))
     flags = fftw_flags(planner)
+    # Buffers and CUFFT plans are made on the task's current GPU: make it the problem's.
+    activate!(device)
     equation = config isa KolmogorovConfig ?
         KolmogorovEquation(config, batch, T, device; flags = flags) :
         QGEquation(config, batch, T, device; flags = flags)
@@ -106,9 +108,9 @@ end
     make_problem(config_json, batch, dtype, device; planner=ENV["EMU_FFTW_PLANNER"] or "FFTW_MEASURE")
 
 A `Problem` from Python's `config.to_json()`, `batch`, `dtype` ("float32"/"float64") and `device`
-("cpu", or "cuda" when CUDA.jl is loaded), with the system's default stepper. The planner follows
-Python's `FFTWPlans`: `EMU_FFTW_PLANNER` when set, else FFTW_MEASURE; pass
-`planner="FFTW_ESTIMATE"` where Python uses `reproducible=True`.
+("cpu", or "cuda"/"cuda:N" when CUDA.jl is loaded: see `make_device`), with the system's default
+stepper. The planner follows Python's `FFTWPlans`: `EMU_FFTW_PLANNER` when set, else FFTW_MEASURE;
+pass `planner="FFTW_ESTIMATE"` where Python uses `reproducible=True`.
 """
 function make_problem(
     config_json::AbstractString,
@@ -137,6 +139,7 @@ copied into Julia-owned buffers; the stepper restarts (level 0, no history), as 
 `stepper.init(equation.to_state(fields))`.
 """
 function set_fields!(problem::Problem, fields::AbstractArray)
+    activate!(problem.device)
     to_state!(problem.state, problem.equation, fields)
     init!(problem.stepper)
     problem.steps = 0
@@ -153,6 +156,7 @@ Advances the state by `num_steps` steps (no blow-up checks: see `run!`, `courant
 """
 function stepforward!(problem::Problem, num_steps::Integer = 1)
     num_steps >= 0 || throw(ArgumentError("num_steps must be >= 0, got $num_steps"))
+    activate!(problem.device)
     for _ in 1:num_steps
         step!(problem.stepper, problem.equation, problem.state)
     end
@@ -173,6 +177,7 @@ function get_fields!(out::AbstractArray, problem::Problem)
     expected = fields_size(problem.equation)
     size(out) == expected ||
         throw(DimensionMismatch("out must have size $expected, got $(size(out))"))
+    activate!(problem.device)
     fields!(out, problem.equation, problem.state)
     synchronize_arrays(out)
     return out
@@ -195,14 +200,20 @@ end
 
 max |u| dt / dx over the batch (and layers), Python's `equation.cfl(state)`.
 """
-courant_number(problem::Problem) = cfl(problem.equation, problem.state)
+function courant_number(problem::Problem)
+    activate!(problem.device)
+    return cfl(problem.equation, problem.state)
+end
 
 """
     all_finite(problem) -> Bool
 
 Whether the spectral state holds no NaN or Inf (Python's `backend.all_finite(state_hat)`).
 """
-all_finite(problem::Problem) = all(isfinite, problem.state)
+function all_finite(problem::Problem)
+    activate!(problem.device)
+    return all(isfinite, problem.state)
+end
 
 "Waits for the device that holds `array` (a no-op on the CPU)."
 synchronize_arrays(array::AbstractArray) = KernelAbstractions.synchronize(kernel_backend(

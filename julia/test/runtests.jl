@@ -3,18 +3,25 @@
 # on CUDA when CUDA.jl is installed and a GPU works.
 #
 #     julia --project=julia -e 'using Pkg; Pkg.test()'
+#
+# CUDA is in julia/Project.toml's test target, so Pkg.test() installs it into the test environment
+# (only there: for Emu itself it stays a weak dependency) and the CUDA testset runs wherever
+# CUDA.functional() is true; elsewhere it is skipped with the reason.
 
 using Emu
 using Test
 using TOML
 
-# CUDA.jl is optional: load it at top level (so its extension's methods are visible to the tests)
-# only where it is installed.
+# Loaded at top level (so its extension's methods are visible to the tests) where it is installed:
+# always under Pkg.test(); maybe not when this file is run directly in another environment.
 const CUDA_INSTALLED = Base.find_package("CUDA") !== nothing
 if CUDA_INSTALLED
     using CUDA
 end
 const CUDA_WORKS = CUDA_INSTALLED && CUDA.functional()
+const CUDA_SKIP_REASON = !CUDA_INSTALLED ?
+    "CUDA.jl is not installed in this environment (Pkg.test() installs it: it is in the test target)" :
+    "CUDA.jl is installed but CUDA.functional() is false (no GPU or driver; CUDA.versioninfo() says why)"
 
 const FIXTURES = joinpath(@__DIR__, "..", "..", "tests", "fixtures", "julia")
 const INDEX_FILE = joinpath(FIXTURES, "index.toml")
@@ -107,6 +114,35 @@ end
         if !Emu.cuda_loaded()
             @test_throws ErrorException make_problem(json, 1, "float32", "cuda")
         end
+    end
+
+    @testset "devices and FFTW threads" begin
+        # Twin of emu.backends.torch_device's name check.
+        @test Emu.make_device("cpu") === CPU()
+        @test Emu.make_device(" cpu ") === CPU()
+        for name in ("gpu", "cuda:", "cuda:-1", "cuda:x", "CPU", "cuda:0:1")
+            @test_throws ArgumentError Emu.make_device(name)
+        end
+        @test GPU() == GPU(0)
+        if !Emu.cuda_loaded()
+            @test_throws ErrorException Emu.make_device("cuda:1")
+        end
+        # Python's FFTWPlans: Julia's threads (or EMU_FFTW_THREADS) above the threshold, else one.
+        withenv("EMU_FFTW_THREADS" => nothing) do
+            @test Emu.fftw_threads(Emu.FFTW_THREADING_THRESHOLD) == Threads.nthreads()
+            @test Emu.fftw_threads(Emu.FFTW_THREADING_THRESHOLD - 1) == 1
+        end
+        withenv("EMU_FFTW_THREADS" => "3") do
+            @test Emu.fftw_threads(2^20) == 3
+            @test Emu.fftw_threads(64) == 1
+        end
+        withenv("EMU_FFTW_THREADS" => "many") do
+            @test_throws ArgumentError Emu.fftw_threads(2^20)
+        end
+        # A threaded plan (when Julia has threads) transforms as the single-threaded one does.
+        x = reshape(collect(range(0.0, 1.0; length = 256 * 256 * 2)), 256, 256, 2)
+        plan = Emu.rfft_plan(copy(x), (1, 2), Emu.fftw_flags("FFTW_ESTIMATE"))
+        @test plan * x ≈ Emu.FFTW.rfft(x, (1, 2))
     end
 
     @testset "spectral operators" begin
@@ -369,6 +405,13 @@ end
 
     if CUDA_WORKS
         @testset "CUDA" begin
+            # cuda:N selects device N (0-based, as torch); an index past the last GPU names them.
+            gpus = length(CUDA.devices())
+            @test Emu.make_device("cuda") == GPU(0)
+            @test Emu.make_device("cuda:$(gpus - 1)") == GPU(gpus - 1)
+            @test CUDA.deviceid(CUDA.device()) == gpus - 1
+            @test_throws ArgumentError Emu.make_device("cuda:$gpus")
+            Emu.make_device("cuda:0")
             for name in sort(collect(keys(get(INDEX, "solver", Dict()))))
                 case = INDEX["solver"][name]
                 @test solver_case_error(case, "cuda") <
@@ -403,6 +446,6 @@ end
             end
         end
     else
-        @info "Skipping the CUDA tests: CUDA.jl is not installed or no GPU works here"
+        @info "Skipping the CUDA tests: $CUDA_SKIP_REASON"
     end
 end

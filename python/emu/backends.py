@@ -201,6 +201,14 @@ class FFTWPlans:
                 pass
         return plan
 
+    def plan(self, direction: str, shape: tuple, dtype, physical_shape: tuple[int, int]):
+        """The cached pyFFTW plan ("forward": real `shape` -> complex; "inverse": complex `shape` ->
+        real `physical_shape` on the last two axes). Fused kernels write its `input_array`, call
+        `execute()` (unnormalised) and read its `output_array` in place."""
+        if direction not in ("forward", "inverse"):
+            raise ValueError(f"direction must be 'forward' or 'inverse', got {direction!r}")
+        return self._plan(direction, tuple(shape), dtype, tuple(physical_shape))
+
     @staticmethod
     def _run(plan, data: np.ndarray, scale: float | None = None) -> np.ndarray:
         # Copy in, execute, copy out: the plan owns its aligned buffers (a complex-to-real transform
@@ -250,7 +258,7 @@ class ArrayBackend:
         name: "numpy", "torch" or "cupy".
         device: "cpu" or a torch device string such as "cuda" or "cuda:1" (cupy: always "cuda:N").
         dtype: real floating-point precision of physical fields, "float32" or "float64".
-        fused_kernels: whether the equations run their fused CUDA kernels (`fused_operators`).
+        fused_kernels: whether the equations run fused kernels (`fused_operators`): CUDA on cupy, numba on numpy.
         fused_factory: equation -> fused operators, supplied by the backend's door module (emu.cuda).
     """
 
@@ -350,6 +358,19 @@ class ArrayBackend:
         return self.fused_factory(equation)
 
 
+def cpu_fused_status() -> tuple[bool, str]:
+    """(available, reason) of the numpy backend's fused CPU kernels (`emu.cpu_kernels`, numba)."""
+    from emu.cpu_kernels import cpu_fused_status as status
+
+    return status()
+
+
+def _numba_fused_operators(equation):
+    from emu.cpu_kernels import fused_operators
+
+    return fused_operators(equation)
+
+
 # Backends that live in their own door module (emu.cuda for CuPy, emu.julia for juliacall) and register
 # their factory when imported: this physics-layer module names them but never imports them, so
 # `import emu.backends` pulls in neither CuPy, juliacall nor the fused solver kernels.
@@ -413,7 +434,12 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
         import array_api_compat.numpy as xp
 
         use_fftw = os.environ.get("EMU_FFT", "fftw") != "numpy"
-        return ArrayBackend("numpy", "cpu", dtype, xp, fftw_plans("numpy", reproducible) if use_fftw else None)
+        plans = fftw_plans("numpy", reproducible) if use_fftw else None
+        # The fused CPU kernels (numba, emu.cpu_kernels) write into FFTW's buffers: with pyFFTW and
+        # numba present (and EMU_CPU_FUSED unset), the equations run them; else their generic code.
+        fused, _ = cpu_fused_status() if plans is not None else (False, "")
+        return ArrayBackend("numpy", "cpu", dtype, xp, plans, fused_kernels=fused,
+                            fused_factory=_numba_fused_operators if fused else None)
     if name == "torch":
         import array_api_compat.torch as xp
         import torch

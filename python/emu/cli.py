@@ -230,10 +230,25 @@ def simulate(ctx, system, preset, backend, device, dtype, grid_size, steps, dt, 
 @click.option("--grid", "grids", default=None, help="Comma-separated grid sizes. [default: 64,128,256 solvers, 64 emulators]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True)
 @click.option("--batch", type=int, default=None, help="Trajectories (solvers) or samples (emulators). [default: 1 solvers, 8 emulators]")
-@click.option("--seconds", type=float, default=2.0, show_default=True, help="Time budget per measurement.")
-@click.option("--peers/--no-peers", default=True, show_default=True, help="Also time pyqg / jax-cfd when available.")
+@click.option("--seconds", type=float, default=2.0, show_default=True,
+              help="Time budget per measurement (solvers: emu, peer, FFTs, loaded each; split over the rounds).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Also time pyqg / jax-cfd, each in its own worker process, when available.")
 @click.option("--pyqg-python", default=None, envvar="EMU_PYQG_PYTHON",
-              help="Python of a side environment with pyqg 0.7.2 (see scripts/pyqg_reference.py).")
+              help="Python of a side environment with pyqg 0.7.2 (see scripts/pyqg_reference.py). "
+                   "[default: this python, if it imports pyqg]")
+@click.option("--jaxcfd-python", default=None, envvar="EMU_JAXCFD_PYTHON",
+              help="Python of a side environment with jax-cfd (pip install 'jax[cpu]' jax-cfd). "
+                   "[default: this python, if it imports jax_cfd]")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Solvers: interleaved rounds of emu / peer / bare FFTs; ratios are the median [min-max] over them.")
+@click.option("--fft/--no-fft", "time_fft", default=True, show_default=True,
+              help="Solvers: also time the bare FFTs of one step (the step/FFT ratio).")
+@click.option("--busy-cores", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Solvers: start N busy (pure CPU) processes and time each round's step quiet and loaded "
+                   "(the loaded/quiet ratio: the slowdown when N other cores are busy).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Solvers: also write the rows (with every per-round ratio) to this JSON file.")
 @click.option("--device", default=None)
 @click.option("--emulator", "emulators", default=None, metavar="ARCH:PRESET[,...]",
               help="Time neural emulators instead of solvers, e.g. unet:small,drn:paper (samples/s, inference and training).")
@@ -243,17 +258,27 @@ def simulate(ctx, system, preset, backend, device, dtype, grid_size, steps, dt, 
 @click.option("--compile", "compile_network", is_flag=True, help="Emulators: torch.compile the network.")
 @click.option("--ddpm", is_flag=True, help="Time the fused DDPM step (CuPy kernel) against eager torch and torch.compile "
               "instead. [defaults: --grid 64, batch 64,256,1024 (or --batch), float32]")
-def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, device, emulators, channels,
-          unroll, amp, compile_network, ddpm):
-    """Throughput of solvers (steps/s, with the peers' numbers), with --emulator of neural emulators, with --ddpm
-    of the DDPM reverse step (time, GB/s and fraction of the measured copy bandwidth).
+def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_python, jaxcfd_python, rounds,
+          time_fft, busy_cores, json_path, device, emulators, channels, unroll, amp, compile_network, ddpm):
+    """Throughput of solvers (steps/s, and per-round ratios against the peer in its own process, against the
+    step's bare FFTs and, with --busy-cores, against a busy machine), with --emulator of neural emulators,
+    with --ddpm of the DDPM reverse step (time, GB/s and fraction of the measured copy bandwidth).
 
     \b
     python -m emu.cli bench --system qg --backend numpy,torch --grid 64,128,256
-    python -m emu.cli bench --system kolmogorov --grid 64,256 --dtype float32
+    python -m emu.cli bench --system qg --grid 64,256 --pyqg-python /work/pyqg-venv/bin/python --busy-cores 1
+    python -m emu.cli bench --system kolmogorov --grid 64,256 --jaxcfd-python /work/jaxcfd-venv/bin/python
     python -m emu.cli bench --emulator unet:small,drn:small --grid 32,64 --batch 8
     python -m emu.cli bench --ddpm --device cuda
     """
+    if ddpm or emulators:
+        source = click.get_current_context().get_parameter_source
+        options = {"jaxcfd_python": "--jaxcfd-python", "rounds": "--rounds", "time_fft": "--fft/--no-fft",
+                   "busy_cores": "--busy-cores", "json_path": "--json"}
+        solver_only = [option for name, option in options.items() if source(name) == click.core.ParameterSource.COMMANDLINE]
+        if solver_only:
+            raise click.UsageError(f"{', '.join(solver_only)}: for solver benchmarks only, not with "
+                                   f"{'--ddpm' if ddpm else '--emulator'}")
     if ddpm:
         from emu.bench_ddpm import DEFAULT_BATCHES, run_ddpm_benchmarks
 
@@ -275,7 +300,8 @@ def bench(system, preset, backends, grids, dtype, batch, seconds, peers, pyqg_py
 
     run_benchmarks(system=system, preset=preset, backends=[b for b in backends.split(",") if b],
                    grids=_int_list(grids or "64,128,256", "grid"), dtype=dtype, batch=batch or 1, seconds=seconds,
-                   peers=peers, pyqg_python=pyqg_python, device=device, echo=click.echo)
+                   peers=peers, pyqg_python=pyqg_python, jaxcfd_python=jaxcfd_python, rounds=rounds, fft=time_fft,
+                   busy_cores=busy_cores, json_path=json_path, device=device, echo=click.echo)
 
 
 def _int_list(text: str, name: str) -> list[int]:

@@ -69,6 +69,44 @@ def jax_cfd_mask(num_points: int) -> np.ndarray:
     return np.ascontiguousarray(full.T[:, : n // 2 + 1])
 
 
+def jax_cfd_wavenumbers(num_points: int, domain_extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """jax-cfd's derivative wavenumbers as they act on a real field, in emu's rfft2 layout.
+
+    Returns (kx, ky) shaped (n, n//2+1) and (n, 1): i kx f_hat is d/dx and i ky f_hat is d/dy of the
+    real field f as jax-cfd computes them. They equal `angular_wavenumbers` except at the Nyquist
+    index n/2, where the derivative is a convention, not a fact (the grid points cannot tell the
+    wave exp(i n/2 x) from exp(-i n/2 x), whose derivatives have opposite signs):
+
+      - an rfft's halved axis takes rfftfreq's +n/2, and the inverse transform keeps only the
+        Hermitian part of that self-conjugate column, so i (n/2) f_hat there is dropped: the
+        derivative along the halved axis has no Nyquist part;
+      - the full axis takes fftfreq's -n/2, kept, except where it meets the halved axis' index 0 or
+        n/2 (self-conjugate points: dropped too).
+
+    emu halves x, so its own convention (`angular_wavenumbers`) drops d/dx at x index n/2 and keeps
+    d/dy at y index n/2 with ky = -n/2. jax-cfd stores [x, y] and halves y: it drops d/dy at y index
+    n/2 and keeps d/dx at x index n/2 with kx = -n/2 on its stored half ky > 0, hence, through
+    the conjugates of that half, kx = +n/2 where ky < 0. In emu's (y, x-half) layout that is:
+
+      kx[r, n/2] = -(n/2) sign(ky[r]) (2 pi / L), 0 in the rows r = 0 and r = n/2;
+      ky[n/2] = 0;
+
+    every other entry being the grid's. (`KolmogorovEquation` with dealias="jax-cfd" builds its
+    derivative_x = i kx, derivative_y = i ky, to_u = i ky/|k|^2, to_v = -i kx/|k|^2 from these.)
+    """
+    n = num_points
+    nyquist = n // 2
+    fundamental = 2.0 * np.pi / domain_extent
+    kx, ky = angular_wavenumbers(n, domain_extent)
+    kx = np.repeat(kx, n, axis=0)  # (n, n//2+1): the Nyquist column depends on the row
+    ky = ky.copy()
+    index_y = np.fft.fftfreq(n, d=1.0 / n)
+    kx[:, nyquist] = -nyquist * fundamental * np.sign(index_y)
+    kx[[0, nyquist], nyquist] = 0.0  # the self-conjugate points (the inverse transform drops them anyway)
+    ky[nyquist, 0] = 0.0
+    return kx, ky
+
+
 class Grid:
     """A square doubly periodic grid with its wavenumber arrays on one array backend.
 

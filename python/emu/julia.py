@@ -8,12 +8,19 @@ or a download), collect every `juliapkg.json` on `sys.path` (emu's, `emu/juliapk
 the local package `Emu` from `julia/`) and install them into one Julia environment: minutes on the
 first start and after any `juliapkg.json` changes, which is why `emu julia install` exists (it does
 that wait visibly, once). Before the import, `start` sets two juliacall defaults the user can
-override: PYTHON_JULIACALL_THREADS=auto (FFTW.jl's threads are Julia threads) and, with more than one
-thread, PYTHON_JULIACALL_HANDLE_SIGNALS=yes, which juliacall needs for threads; then Ctrl-C no longer
-raises KeyboardInterrupt inside a Julia call, so long runs are driven from Python in chunks
-(`JuliaStepper.advance` is called once per state check, at most every 100 steps). juliacall is best
-imported before torch (it warns otherwise): the CLI starts Julia in `get_backend`, before any torch
-import.
+override: PYTHON_JULIACALL_THREADS = emu's CPU thread count (`emu.backends.cpu_threads`: 1 unless
+`--threads N`, as for every other thread pool of emu; FFTW.jl's threads are Julia threads, and Emu
+plans large transforms on all of them) unless PYTHON_JULIACALL_THREADS, `-X juliacall-threads` or
+JULIA_NUM_THREADS is set, and, with more than one thread, PYTHON_JULIACALL_HANDLE_SIGNALS=yes, which
+juliacall needs for threads; then Ctrl-C no longer raises KeyboardInterrupt inside a Julia call, so
+long runs are driven from Python in chunks (`JuliaStepper.advance` is called once per state check,
+at most every 100 steps).
+
+Import order. juliacall must be imported before torch: juliacall itself warns that the other order
+may segfault (pytorch/pytorch#78829). The CLI starts Julia in `get_backend`, before any torch
+import. Library code that reaches `start` with torch already imported (e.g. `ddpm_step(...,
+backend="julia")` on CPU tensors, whose module imports torch) gets a `BackendUnavailable` saying to
+call `emu.julia.start()` before importing torch; EMU_JULIA_AFTER_TORCH=warn starts Julia anyway.
 
 The calls. `JULIA_CALLS` lists every Julia function the bridge calls, with the number of positional
 arguments it passes; `call` refuses anything else, and tests/test_julia_structure.py checks the Julia
@@ -29,10 +36,15 @@ Per-sample DDPM coefficients cross as host Float64 vectors of length batch, whic
 the samples' element type at its entry point (a Python float must never reach Float32 code as
 Float64); seeds and offsets as UInt64.
 
-GPU. CUDA.jl runs on its own stream: the bridge synchronises torch's device before a call and
-`CUDA.synchronize()`s before returning, so torch never reads a half-written output. CUDA.jl is a
-weak dependency of Emu (CPU users never install it); `emu julia install --cuda` adds it to the
-juliacall environment.
+GPU. `cuda:N` is CUDA device N in Julia too (`CUDA.device!(N)`, checked against the GPUs CUDA.jl
+sees). CUDA.jl runs on its own stream: the bridge synchronises torch's device before a call and
+`CUDA.synchronize()`s before returning, so torch never reads a half-written output. That, and the
+per-sample coefficients crossing as host vectors, makes Julia's DDPM kernels on a GPU slower than
+torch's eager step: the fused DDPM calls here run emu's CuPy kernels (emu.diffusion.fused, on
+torch's stream, no host round trip, the same Philox noise) for CUDA tensors, and Julia's GPU
+kernels only with `gpu_kernel="julia"` (a correctness check) or, with a warning, where CuPy cannot
+run. The solvers (`JuliaSolver`) do run on CUDA.jl. CUDA.jl is a weak dependency of Emu (CPU users
+never install it); `emu julia install --cuda` adds it to the juliacall environment.
 """
 
 from __future__ import annotations
@@ -40,9 +52,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,8 +91,12 @@ FIRST_START = ("`emu julia install` (python -m emu.cli julia install) installs J
 _MAIN: Any = None                 # juliacall's Main once Julia runs and `using Emu` succeeded
 _FUNCTIONS: dict[str, Any] = {}   # name -> Julia function, for the names in JULIA_CALLS
 _FAILURE: str | None = None       # why Julia could not start (a second try in one process cannot succeed)
-_CUDA_HELPERS: Any = None   # (unsafe_wrap closure for device pointers, CUDA.synchronize)
+_CUDA_HELPERS: Any = None   # CudaHelpers once CUDA.jl is loaded
 _CPU_WRAP: Any = None
+# EMU_JULIA_AFTER_TORCH: what `start` does when torch is imported and juliacall is not yet.
+AFTER_TORCH_POLICIES = ("error", "warn")
+# The kernels of the fused DDPM calls on CUDA tensors (see the module docstring, "GPU").
+GPU_KERNELS = ("cupy", "julia")
 
 
 def juliapkg_json() -> Path:
@@ -149,7 +168,9 @@ def start() -> Any:
 
     Returns juliacall's `Main`. Raises `BackendUnavailable` with the reason and what to do when
     juliacall is missing, no Julia can be found or installed, or `using Emu` fails; a failure is
-    remembered, so later calls in the same process fail at once with the same message.
+    remembered, so later calls in the same process fail at once with the same message. Also
+    `BackendUnavailable` (not remembered) when torch is imported and juliacall is not, unless
+    EMU_JULIA_AFTER_TORCH=warn (module docstring, "Import order").
     """
     global _MAIN
     if _MAIN is not None:
@@ -158,9 +179,8 @@ def start() -> Any:
         raise BackendUnavailable(_FAILURE)
     if not juliacall_installed():
         _fail(f"the julia backend needs juliacall, which is not installed: {INSTALL_JULIACALL}; then {FIRST_START}.")
-    os.environ.setdefault("PYTHON_JULIACALL_THREADS", "auto")
-    if os.environ["PYTHON_JULIACALL_THREADS"] not in ("1",):
-        os.environ.setdefault("PYTHON_JULIACALL_HANDLE_SIGNALS", "yes")
+    _check_import_order()
+    _set_thread_defaults()
     try:
         import juliacall
     except BaseException as error:  # juliapkg raises bare Exceptions; SystemExit from a failed Julia too
@@ -183,6 +203,44 @@ def start() -> Any:
     _FUNCTIONS.update(functions)
     _MAIN = main
     return main
+
+
+def _check_import_order() -> None:
+    """Refuses to import juliacall after torch (juliacall: "This may cause a segfault"), unless
+    EMU_JULIA_AFTER_TORCH=warn; nothing to check once juliacall is imported or while torch is not."""
+    if "juliacall" in sys.modules or "torch" not in sys.modules:
+        return
+    policy = os.environ.get("EMU_JULIA_AFTER_TORCH", "error").strip().lower()
+    if policy not in AFTER_TORCH_POLICIES:
+        raise ValueError(f"EMU_JULIA_AFTER_TORCH must be one of {AFTER_TORCH_POLICIES}, got {policy!r}")
+    reason = ("torch is already imported, and juliacall warns that importing it after torch may segfault "
+              "(https://github.com/pytorch/pytorch/issues/78829)")
+    if policy == "warn":
+        warnings.warn(f"starting Julia although {reason} (EMU_JULIA_AFTER_TORCH=warn)", RuntimeWarning, stacklevel=3)
+        return
+    raise BackendUnavailable(
+        f"the julia backend cannot start Julia here: {reason}. Start Julia before torch is imported: put "
+        "`import emu.julia; emu.julia.start()` (or `import juliacall`) at the top of your script, before "
+        "`import torch` and before importing the emu modules that import it (emu.diffusion, emu.models, "
+        "emu.training, ...); the emu command line does this itself. To start it anyway, at that risk, set "
+        "EMU_JULIA_AFTER_TORCH=warn.")
+
+
+def _set_thread_defaults() -> None:
+    """emu's juliacall thread settings, before juliacall is imported; the user's own settings win.
+
+    Julia threads = `emu.backends.cpu_threads()` (1 unless `--threads N`) unless the thread count is
+    set by PYTHON_JULIACALL_THREADS, `-X juliacall-threads=N` or Julia's own JULIA_NUM_THREADS.
+    More than one thread needs PYTHON_JULIACALL_HANDLE_SIGNALS=yes (juliacall's advice).
+    """
+    from emu.backends import cpu_threads
+
+    given = (os.environ.get("PYTHON_JULIACALL_THREADS") or sys._xoptions.get("juliacall-threads")
+             or os.environ.get("JULIA_NUM_THREADS"))
+    if given is None:
+        given = os.environ["PYTHON_JULIACALL_THREADS"] = str(cpu_threads())
+    if str(given).strip() != "1":
+        os.environ.setdefault("PYTHON_JULIACALL_HANDLE_SIGNALS", "yes")
 
 
 def _emu_package_path() -> str:
@@ -227,9 +285,30 @@ def as_julia(array: np.ndarray) -> Any:
     return _cpu_wrap()(array.ctypes.data, element_type, *reversed(array.shape))
 
 
-def require_cuda() -> Any:
-    """Loads CUDA.jl (Emu's CUDA extension comes with it) and returns the Julia `unsafe_wrap` closure
-    for device pointers; `BackendUnavailable` when CUDA.jl is not installed or finds no GPU."""
+class CudaHelpers(NamedTuple):
+    """The Julia closures the bridge uses on CUDA devices."""
+
+    wrap: Any          # (address, T, dims...) -> CuArray over device memory of the current device, not owned
+    synchronize: Any   # () -> CUDA.synchronize() of the current device
+    select: Any        # (index) -> CUDA.device!(index): the device the next wraps and kernels use
+    device_count: Any  # () -> the number of GPUs CUDA.jl sees
+
+
+def require_cuda(index: int | None = None) -> CudaHelpers:
+    """Loads CUDA.jl (Emu's CUDA extension comes with it) and returns the `CudaHelpers`;
+    `BackendUnavailable` when CUDA.jl is not installed or finds no GPU. With `index`, also checks that
+    CUDA.jl sees a GPU `cuda:index` (ValueError naming the devices there are, as
+    `emu.backends.torch_device` does)."""
+    helpers = _load_cuda()
+    if index is not None:
+        count = int(helpers.device_count())
+        if not 0 <= index < count:
+            raise ValueError(f"--device cuda:{index}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1} (as CUDA.jl numbers them; CUDA_VISIBLE_DEVICES renumbers them)")
+    return helpers
+
+
+def _load_cuda() -> CudaHelpers:
     global _CUDA_HELPERS
     if _CUDA_HELPERS is not None:
         return _CUDA_HELPERS
@@ -244,9 +323,12 @@ def require_cuda() -> Any:
     if not bool(main.seval("CUDA.functional()")):
         raise BackendUnavailable("CUDA.jl is installed but finds no usable GPU or driver (CUDA.functional() is "
                                  "false; `julia -e 'using CUDA; CUDA.versioninfo()'` says why). Use --device cpu.")
-    _CUDA_HELPERS = (
-        main.seval("(address, T, dims...) -> unsafe_wrap(CUDA.CuArray, CUDA.CuPtr{T}(UInt(address)), dims; own = false)"),
-        main.seval("() -> CUDA.synchronize()"),
+    _CUDA_HELPERS = CudaHelpers(
+        wrap=main.seval("(address, T, dims...) -> unsafe_wrap(CUDA.CuArray, CUDA.CuPtr{T}(UInt(address)), dims; "
+                        "own = false)"),
+        synchronize=main.seval("() -> CUDA.synchronize()"),
+        select=main.seval("index -> (CUDA.device!(Int(index)); nothing)"),
+        device_count=main.seval("() -> length(CUDA.devices())"),
     )
     return _CUDA_HELPERS
 
@@ -257,9 +339,9 @@ def _tensor_to_julia(tensor) -> Any:
         raise ValueError("the julia backend needs contiguous tensors (call .contiguous())")
     if tensor.device.type == "cpu":
         return as_julia(tensor.detach().numpy())
-    wrap, _ = require_cuda()
+    # The caller (`_run_fused`) has made the tensor's GPU current: the wrap belongs to that device.
     element_type = _julia_element_type(str(tensor.dtype).removeprefix("torch."))
-    return wrap(tensor.data_ptr(), element_type, *reversed(tuple(tensor.shape)))
+    return require_cuda().wrap(tensor.data_ptr(), element_type, *reversed(tuple(tensor.shape)))
 
 
 def _coefficient(value, like) -> Any:
@@ -281,18 +363,24 @@ def _coefficient(value, like) -> Any:
 
 
 def _run_fused(name: str, out, *arguments) -> None:
-    """Calls the fused kernel `name`: tensors become zero-copy Julia arrays; on a CUDA device torch
-    is synchronised before (CUDA.jl uses its own stream) and CUDA.jl after."""
+    """Calls the Julia kernel `name`: tensors become zero-copy Julia arrays; on a CUDA device, that
+    device is made CUDA.jl's current one first, torch is synchronised before (CUDA.jl uses its own
+    stream) and CUDA.jl after."""
     import torch
 
-    converted = [_tensor_to_julia(a) if isinstance(a, torch.Tensor) else as_julia(a) if isinstance(a, np.ndarray)
-                 else a for a in (out, *arguments)]
+    def converted():
+        return [_tensor_to_julia(a) if isinstance(a, torch.Tensor) else as_julia(a) if isinstance(a, np.ndarray)
+                else a for a in (out, *arguments)]
+
     if out.device.type == "cuda":
+        helpers = require_cuda(out.device.index)
+        helpers.select(out.device.index)
+        arrays = converted()
         torch.cuda.synchronize(out.device)
-        call(name, *converted)
-        require_cuda()[1]()
+        call(name, *arrays)
+        helpers.synchronize()
     else:
-        call(name, *converted)
+        call(name, *converted())
 
 
 def _samples(name: str, tensor, like=None):
@@ -310,78 +398,157 @@ def _seed_offset(seed: int, offset: int) -> tuple[Any, Any]:
     return np.uint64(check_uint64("seed", seed)), np.uint64(check_uint64("offset", offset))
 
 
+def _cupy_runs(device, gpu_kernel: str) -> bool:
+    """Whether a fused DDPM call on `device` (a torch.device) runs emu's CuPy kernel instead of Julia's.
+
+    On CUDA tensors (the device type emu.diffusion.fused launches on; its host-build tests set
+    "cpu") with gpu_kernel="cupy", when CuPy can run; where it cannot, Julia's GPU kernel runs, with
+    a warning saying why that is slow and what to install.
+    """
+    if gpu_kernel not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}, got {gpu_kernel!r}")
+    from emu.diffusion import fused
+
+    if device.type != fused._DEVICE_TYPE or gpu_kernel == "julia":
+        return False
+    from emu.cuda import require_cupy
+
+    try:
+        require_cupy()
+    except BackendUnavailable as error:
+        warnings.warn(f"the fused DDPM step on {device} runs emu's CuPy kernel, which cannot run here ({error}); "
+                      "running Julia's CUDA kernel instead, which copies the coefficients to the host and "
+                      "synchronises the GPU twice per call (slower than torch's eager step). Install CuPy "
+                      '(pip install -e ".[gpu]"), or pass gpu_kernel="julia" to choose Julia\'s kernel.',
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _device_coefficient(value, like):
+    """A per-sample coefficient as the CuPy kernels take it: a (batch,) tensor on like's device, made
+    from the values `_coefficient` accepts without passing through host memory (the kernels round
+    it to like's dtype, as Julia does)."""
+    import torch
+
+    batch = int(like.shape[0])
+    if isinstance(value, torch.Tensor):
+        vector = value.detach().reshape(-1)
+    else:
+        vector = torch.from_numpy(np.asarray(value, dtype=np.float64).reshape(-1))
+    if vector.numel() == 1:
+        vector = vector.expand(batch)
+    if vector.numel() != batch:
+        raise ValueError(f"a per-sample coefficient must have batch = {batch} elements, got {vector.numel()}")
+    return vector.to(device=like.device)
+
+
 def fused_ddpm_step(noisy, predicted_noise, reciprocal_sqrt_alpha, noise_coefficient, posterior_std,
-                    seed: int, offset: int):
-    """One DDPM reverse step in a single fused Julia kernel, the noise drawn in the kernel.
+                    seed: int, offset: int, *, gpu_kernel: str = "cupy"):
+    """One DDPM reverse step in a single fused kernel, the noise drawn in the kernel.
 
         out = reciprocal_sqrt_alpha (noisy - noise_coefficient predicted_noise) + posterior_std z,
         z = emu.diffusion.philox.philox_normal(noisy.shape, seed, offset)
 
     Args:
         noisy, predicted_noise: torch tensors of one shape (batch, ...), float32 or float64, on the
-            CPU (passed as numpy views) or a CUDA device (wrapped by CUDA.jl, no copies).
+            CPU (Julia's kernel, on numpy views) or a CUDA device (see `gpu_kernel`).
         reciprocal_sqrt_alpha, noise_coefficient, posterior_std: per-sample tensors (batch,) or
-            (batch, 1, ..., 1), or Python numbers (Julia rounds them to noisy's dtype).
+            (batch, 1, ..., 1), or Python numbers (rounded to noisy's dtype by the kernel).
         seed, offset: the Philox key and call index, integers in [0, 2**64).
+        gpu_kernel: for CUDA tensors, "cupy" (default: emu.diffusion.fused.fused_ddpm_step on
+            torch's stream, no copies, no host synchronisation; Julia's kernel, with a warning,
+            where CuPy cannot run) or "julia" (Julia's CUDA kernel: a correctness check, slower
+            than torch's eager step). Unused on the CPU.
 
     Returns:
-        A new tensor like `noisy` (allocated by torch, filled by Julia).
+        A new tensor like `noisy`.
     """
     import torch
 
     seed, offset = _seed_offset(seed, offset)
     noisy = _samples("noisy", noisy)
+    predicted_noise = _samples("predicted_noise", predicted_noise, noisy)
+    if _cupy_runs(noisy.device, gpu_kernel):
+        from emu.diffusion.fused import fused_ddpm_step as cupy_ddpm_step
+
+        return cupy_ddpm_step(noisy, predicted_noise, *(_device_coefficient(c, noisy) for c in (
+            reciprocal_sqrt_alpha, noise_coefficient, posterior_std)), seed=int(seed), offset=int(offset))
     out = torch.empty_like(noisy)
-    _run_fused("ddpm_step!", out, noisy, _samples("predicted_noise", predicted_noise, noisy),
-               _coefficient(reciprocal_sqrt_alpha, noisy), _coefficient(noise_coefficient, noisy),
-               _coefficient(posterior_std, noisy), seed, offset)
+    _run_fused("ddpm_step!", out, noisy, predicted_noise, _coefficient(reciprocal_sqrt_alpha, noisy),
+               _coefficient(noise_coefficient, noisy), _coefficient(posterior_std, noisy), seed, offset)
     return out
 
 
 def fused_ddpm_step_with_noise(noisy, predicted_noise, reciprocal_sqrt_alpha, noise_coefficient, posterior_std,
-                               noise):
+                               noise, *, gpu_kernel: str = "cupy"):
     """`fused_ddpm_step` with the noise z given (noisy's shape) instead of drawn in the kernel."""
     import torch
 
     noisy = _samples("noisy", noisy)
+    predicted_noise = _samples("predicted_noise", predicted_noise, noisy)
+    noise = _samples("noise", noise, noisy)
+    if _cupy_runs(noisy.device, gpu_kernel):
+        from emu.diffusion.fused import fused_ddpm_step as cupy_ddpm_step
+
+        return cupy_ddpm_step(noisy, predicted_noise, *(_device_coefficient(c, noisy) for c in (
+            reciprocal_sqrt_alpha, noise_coefficient, posterior_std)), noise=noise)
     out = torch.empty_like(noisy)
-    _run_fused("ddpm_step!", out, noisy, _samples("predicted_noise", predicted_noise, noisy),
-               _coefficient(reciprocal_sqrt_alpha, noisy), _coefficient(noise_coefficient, noisy),
-               _coefficient(posterior_std, noisy), _samples("noise", noise, noisy))
+    _run_fused("ddpm_step!", out, noisy, predicted_noise, _coefficient(reciprocal_sqrt_alpha, noisy),
+               _coefficient(noise_coefficient, noisy), _coefficient(posterior_std, noisy), noise)
     return out
 
 
-def fused_add_noise(clean, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, seed: int, offset: int):
-    """q_sample in one Julia kernel: sqrt_alpha_bar clean + sqrt_one_minus_alpha_bar z, z from
-    (seed, offset) as in `fused_ddpm_step`."""
+def fused_add_noise(clean, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, seed: int, offset: int, *,
+                    gpu_kernel: str = "cupy"):
+    """q_sample in one kernel: sqrt_alpha_bar clean + sqrt_one_minus_alpha_bar z, z from
+    (seed, offset) as in `fused_ddpm_step` (and `gpu_kernel` as there)."""
     import torch
 
     seed, offset = _seed_offset(seed, offset)
     clean = _samples("clean", clean)
+    if _cupy_runs(clean.device, gpu_kernel):
+        from emu.diffusion.fused import fused_add_noise as cupy_add_noise
+
+        return cupy_add_noise(clean, _device_coefficient(sqrt_alpha_bar, clean),
+                              _device_coefficient(sqrt_one_minus_alpha_bar, clean), seed=int(seed),
+                              offset=int(offset))[0]
     out = torch.empty_like(clean)
     _run_fused("add_noise!", out, clean, _coefficient(sqrt_alpha_bar, clean),
                _coefficient(sqrt_one_minus_alpha_bar, clean), seed, offset)
     return out
 
 
-def fused_tweedie(noisy, predicted_noise, sqrt_alpha_bar, sqrt_one_minus_alpha_bar):
-    """Tweedie's clean estimate in one Julia kernel: (noisy - sqrt_one_minus_alpha_bar eps) / sqrt_alpha_bar."""
+def fused_tweedie(noisy, predicted_noise, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, *, gpu_kernel: str = "cupy"):
+    """Tweedie's clean estimate in one kernel: (noisy - sqrt_one_minus_alpha_bar eps) / sqrt_alpha_bar
+    (`gpu_kernel` as in `fused_ddpm_step`)."""
     import torch
 
     noisy = _samples("noisy", noisy)
+    predicted_noise = _samples("predicted_noise", predicted_noise, noisy)
+    if _cupy_runs(noisy.device, gpu_kernel):
+        from emu.diffusion.fused import fused_tweedie as cupy_tweedie
+
+        return cupy_tweedie(noisy, predicted_noise, _device_coefficient(sqrt_alpha_bar, noisy),
+                            _device_coefficient(sqrt_one_minus_alpha_bar, noisy))
     out = torch.empty_like(noisy)
-    _run_fused("tweedie!", out, noisy, _samples("predicted_noise", predicted_noise, noisy),
-               _coefficient(sqrt_alpha_bar, noisy), _coefficient(sqrt_one_minus_alpha_bar, noisy))
+    _run_fused("tweedie!", out, noisy, predicted_noise, _coefficient(sqrt_alpha_bar, noisy),
+               _coefficient(sqrt_one_minus_alpha_bar, noisy))
     return out
 
 
 def philox_normal(shape: tuple[int, ...], seed: int, offset: int = 0, dtype: str = "float32",
-                  device: str = "cpu"):
-    """Julia's standard normal noise by emu's convention (the twin of `emu.diffusion.philox.philox_normal`),
-    as a torch tensor."""
+                  device: str = "cpu", *, gpu_kernel: str = "cupy"):
+    """Standard normal noise by emu's convention (the twin of `emu.diffusion.philox.philox_normal`),
+    as a torch tensor: Julia's kernel on the CPU; on a CUDA device as `gpu_kernel` says (see
+    `fused_ddpm_step`)."""
     import torch
 
     seed, offset = _seed_offset(seed, offset)
+    if _cupy_runs(torch.device(device), gpu_kernel):
+        from emu.diffusion.fused import fused_philox_normal
+
+        return fused_philox_normal(tuple(shape), int(seed), int(offset), dtype=getattr(torch, dtype), device=device)
     out = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=device)
     _run_fused("philox_normal!", out, seed, offset)
     return out
@@ -390,10 +557,19 @@ def philox_normal(shape: tuple[int, ...], seed: int, offset: int = 0, dtype: str
 # -- solvers --------------------------------------------------------------------------------------
 
 def _solver_device(device: str | None) -> str:
-    device = device or "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return "cpu" if device == "cpu" else "cuda"
+    """The device name Julia's `make_device` gets: "cpu" or "cuda:N" ("cuda" is cuda:0, as torch's
+    first GPU); ValueError for anything else, as `emu.backends.torch_device`."""
+    text = str(device or "cpu").strip()
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if text == "cpu":
+        return "cpu"
+    return text if ":" in text else "cuda:0"
+
+
+def _cuda_index(solver_device: str) -> int | None:
+    """N of "cuda:N" (a `_solver_device` name); None for "cpu"."""
+    return None if solver_device == "cpu" else int(solver_device.split(":")[1])
 
 
 class JuliaSolver:
@@ -420,8 +596,8 @@ class JuliaSolver:
         self.config, self.batch, self.dtype = config, batch, dtype
         self.device = _solver_device(device)
         start()
-        if self.device == "cuda":
-            require_cuda()
+        if self.device != "cpu":
+            require_cuda(_cuda_index(self.device))
         num_fields = len(SYSTEMS[config.system][1].field_names)
         n = config.grid_size
         self.shape = (batch,) + ((num_fields,) if num_fields > 1 else ()) + (n, n)
@@ -450,8 +626,10 @@ class JuliaSolver:
         return bool(call("all_finite", self.problem))
 
     def synchronize(self) -> None:
-        if self.device == "cuda":
-            require_cuda()[1]()
+        if self.device != "cpu":
+            helpers = require_cuda()
+            helpers.select(_cuda_index(self.device))
+            helpers.synchronize()
 
 
 class JuliaStepper:
@@ -516,7 +694,8 @@ class JuliaStepper:
 @dataclass(frozen=True)
 class JuliaHostBackend(ArrayBackend):
     """The Python side of the julia backend: numpy arrays on the host for initial conditions,
-    diagnostics and files (`host`), while Julia steps the state on `solver_device`."""
+    diagnostics and files (`host`), while Julia steps the state on `solver_device` ("cpu" or
+    "cuda:N")."""
 
     host: ArrayBackend | None = None
     solver_device: str = "cpu"
@@ -549,8 +728,8 @@ def julia_backend(device: str | None = None, dtype: str = "float64", reproducibl
     """The julia backend (see `emu.backends.get_backend`): starts Julia now, so a missing runtime fails fast."""
     solver_device = _solver_device(device)
     start()
-    if solver_device == "cuda":
-        require_cuda()
+    if solver_device != "cpu":
+        require_cuda(_cuda_index(solver_device))
     host = get_backend("numpy", dtype=dtype, reproducible=reproducible)
     return JuliaHostBackend("julia", device or "cpu", dtype, host.xp, host.fft, host=host, solver_device=solver_device,
                             reproducible=reproducible)
@@ -574,7 +753,8 @@ def status() -> list[tuple[str, str]]:
         except PackageNotFoundError:
             lines.append((name, "installed (version unknown)"))
     for variable in ("PYTHON_JULIAPKG_EXE", "PYTHON_JULIAPKG_PROJECT", "PYTHON_JULIAPKG_OFFLINE",
-                     "PYTHON_JULIACALL_THREADS", "PYTHON_JULIACALL_HANDLE_SIGNALS"):
+                     "PYTHON_JULIACALL_THREADS", "JULIA_NUM_THREADS", "PYTHON_JULIACALL_HANDLE_SIGNALS",
+                     "EMU_JULIA_AFTER_TORCH"):
         lines.append((variable, os.environ.get(variable, "(unset)")))
     try:
         import juliapkg.deps as deps

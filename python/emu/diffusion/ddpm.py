@@ -25,7 +25,8 @@ arithmetic in one pass over memory (each input read once, the output written onc
     "cupy"   kernels/ddpm.cu through emu.cuda (emu.diffusion.fused) for CUDA tensors, on torch's
              stream with no copies. Every operation is rounded as in torch's eager expression, so
              given the same noise the result is torch's, bit for bit.
-    "julia"  the Julia package's fused step (KernelAbstractions; CPU or CUDA) through emu.julia.
+    "julia"  the Julia package's fused step through emu.julia on CPU tensors (start Julia before
+             importing torch: emu.julia.start); CUDA tensors run the "cupy" kernel (emu.julia.fused_ddpm_step).
     "auto"   "cupy" for CUDA tensors when CuPy can run, else "torch" (always "torch" on the CPU).
 
 Noise of the fused backends. Unless `noise` is given, z is drawn inside the kernel by emu's

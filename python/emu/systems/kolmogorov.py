@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from emu.backends import ArrayBackend
-from emu.grid import Grid, jax_cfd_mask, two_thirds_mask
+from emu.grid import Grid, jax_cfd_mask, jax_cfd_wavenumbers, two_thirds_mask
 from emu.spectral import isotropic_spectrum
 from emu.systems.base import (
     SystemConfig,
@@ -63,10 +63,23 @@ class KolmogorovConfig(SystemConfig):
         peak_wavenumber: wavenumber where the initial condition's energy spectrum peaks.
         cfl_safety: target Courant number for the default dt.
         max_cfl: the run stops with a blow-up error when max|u| dt/dx exceeds this.
-        dealias: mask on the advection term: "two_thirds" (Orszag's rule, symmetric: the truncated
-            nonlinear term conserves energy and enstrophy exactly) or "jax-cfd" (jax-cfd's
-            `brick_wall_filter_2d` as it acts, which differs at index n/3; reproduces jax-cfd to
-            round-off, where "two_thirds" agrees to ~2e-3 after one step at 64^2).
+        dealias: the mask on the advection term and the derivative convention at the Nyquist index.
+            "two_thirds": Orszag's rule, symmetric (the truncated nonlinear term conserves energy
+            and enstrophy exactly), and emu's own Nyquist convention. "jax-cfd": jax-cfd's
+            `brick_wall_filter_2d` as it acts (differs at index n/3, `emu.grid.jax_cfd_mask`) and
+            jax-cfd's Nyquist convention (`emu.grid.jax_cfd_wavenumbers`); reproduces jax-cfd to
+            round-off from any state, where "two_thirds" agrees to ~2e-3 after one step at 64^2.
+            The convention, in emu's (y, x-half) rfft2 layout with h = n/2: emu's own drops d/dx in
+            the x index h column (rfftfreq's +h on the halved axis, which the inverse transform's
+            Hermitian part removes) and keeps d/dy in the y index h row with ky = -h (fftfreq);
+            jax-cfd's (its arrays [x, y], y halved) is the opposite: d/dy dropped in row h, d/dx
+            kept in column h with kx = -h sign(ky) (0 at ky = 0 and ky = -h); u = d(psi)/dy and
+            v = -d(psi)/dx follow. It lives in the equation's tables derivative_x, derivative_y,
+            to_u, to_v. Measured (float64, vs jax-cfd 0.2.1): from a 64^2 state with Nyquist
+            content 5e-16, 2e-15, 7e-14 after 1, 10, 100 steps (1.5e-4, 1.0e-3, 7.8e-3 with emu's
+            convention and jax-cfd's mask); from the float32-rounded initial state at 128^2, 1e-11
+            after 1000 steps (3.7e-9). A state without Nyquist content does not see the
+            convention (tests/test_jaxcfd_agreement.py).
         preset: the preset these values started from (informational).
     """
 
@@ -117,6 +130,18 @@ class KolmogorovEquation:
     """The vorticity equation on a `Grid`, split as d(omega_hat)/dt = L omega_hat + N(omega_hat).
 
     State: omega_hat, shape (batch, n, n//2+1), complex, on the grid's backend.
+
+    Constant tables on the backend, broadcastable to (n, n//2+1), read by the array code below and
+    by fused kernels that take their factors from the equation:
+        derivative_x, derivative_y: omega_hat -> the hats of d(omega)/dx, d(omega)/dy (i kx, i ky);
+        to_u, to_v: omega_hat -> u_hat, v_hat (i ky / |k|^2, -i kx / |k|^2; `_to_u`, `_to_v` are
+            the same arrays under their former names);
+        dealias: the advection mask; forcing_hat: F_hat (None without forcing); linear_operator: L.
+    The first four carry the Nyquist convention of the config's `dealias` mode: emu's own
+    (derivative_x, derivative_y are then `grid.ikx`, `grid.iky` themselves) or jax-cfd's
+    (`emu.grid.jax_cfd_wavenumbers`; derivative_x a full (n, n//2+1) table).
+    fused: fused operators when the backend has them, else None; never the CUDA ones in jax-cfd
+    mode, whose kernels compute emu's own wavenumbers in-kernel.
     """
 
     field_names = ("vorticity",)
@@ -129,40 +154,60 @@ class KolmogorovEquation:
         self.grid = Grid(config.grid_size, config.domain_extent, backend)
         k2 = self.grid.wavenumber_squared_numpy
         self.linear_operator = backend.asarray(-config.viscosity * k2 - config.drag)
+        # Products of constant factors, precomputed so each stage multiplies once per field. Every
+        # spectral derivative of the equation (and of any fused kernel reading these tables) goes
+        # through them, so they carry the Nyquist convention (see KolmogorovConfig.dealias):
+        #   derivative_x = i kx, derivative_y = i ky: omega_hat -> the hats of d(omega)/dx, d(omega)/dy;
+        #   to_u = i ky / |k|^2, to_v = -i kx / |k|^2: omega_hat -> u_hat, v_hat;
+        # all broadcastable to (n, n//2+1). emu's convention: the grid's wavenumbers, derivative_x and
+        # derivative_y being the grid's own `ikx` (1, n//2+1) and `iky` (n, 1). jax-cfd's: the same
+        # except at the Nyquist index (`emu.grid.jax_cfd_wavenumbers`), kx a full (n, n//2+1) table.
+        if config.dealias == "jax-cfd":
+            kx, ky = jax_cfd_wavenumbers(config.grid_size, config.domain_extent)
+            self.derivative_x = backend.asarray(1j * kx)
+            self.derivative_y = backend.asarray(1j * ky)
+        else:
+            kx, ky = self.grid.kx_numpy, self.grid.ky_numpy
+            self.derivative_x, self.derivative_y = self.grid.ikx, self.grid.iky
+        inverse_k2 = np.where(k2 > 0, 1.0 / np.where(k2 > 0, k2, 1.0), 0.0)
+        self.to_u = backend.asarray(1j * ky * inverse_k2)
+        self.to_v = backend.asarray(-1j * kx * inverse_k2)
+        self._to_u, self._to_v = self.to_u, self.to_v  # the older private names, kept as aliases
         # Forcing: the velocity forcing (A sin(k_f y), 0) on the grid points, curled spectrally:
         # F_hat = i kx fy_hat - i ky fx_hat = -i ky fx_hat.
         y = self.grid.y[:, np.newaxis] * np.ones((1, config.grid_size))
         fx_hat = np.fft.rfft2(config.forcing_amplitude * np.sin(config.forcing_wavenumber * y))
-        self.forcing_hat = backend.asarray(-1j * self.grid.ky_numpy * fx_hat) if config.forcing_wavenumber else None
-        # Products of constant factors, precomputed so each stage multiplies once per field:
-        # u_hat = (i ky / |k|^2) omega_hat, v_hat = (-i kx / |k|^2) omega_hat, and the 2/3 filter with
-        # the advection's minus sign.
-        inverse_k2 = np.where(k2 > 0, 1.0 / np.where(k2 > 0, k2, 1.0), 0.0)
-        self._to_u = backend.asarray(1j * self.grid.ky_numpy * inverse_k2)
-        self._to_v = backend.asarray(-1j * self.grid.kx_numpy * inverse_k2)
+        self.forcing_hat = backend.asarray(-1j * ky * fx_hat) if config.forcing_wavenumber else None
+        # The advection's mask, and the mask with the advection's minus sign.
         mask = two_thirds_mask if config.dealias == "two_thirds" else jax_cfd_mask
         self.dealias = backend.asarray(mask(config.grid_size))
         self._negative_dealias = -self.dealias
         # Fused CUDA kernels for explicit_terms and the CN-RK4 stages when the backend has them (cupy);
-        # None elsewhere, and the array expressions below run.
-        self.fused = backend.fused_operators(self)
+        # None elsewhere, and the array expressions below run. The CUDA kernels compute emu's own
+        # wavenumbers in-kernel and know nothing of jax-cfd's Nyquist convention, so in jax-cfd mode
+        # on cupy the generic array path (on the GPU all the same) runs instead.
+        if config.dealias == "jax-cfd" and backend.name == "cupy":
+            self.fused = None
+        else:
+            self.fused = backend.fused_operators(self)
 
     # -- the equation -------------------------------------------------------------------------
     def velocity_hat(self, omega_hat):
-        """(u_hat, v_hat) = (i ky, -i kx) psi_hat with psi_hat = omega_hat / |k|^2."""
+        """(u_hat, v_hat) = (i ky, -i kx) psi_hat with psi_hat = omega_hat / |k|^2 (i kx, i ky: the
+        `derivative_x`, `derivative_y` tables, which carry the Nyquist convention)."""
         psi_hat = omega_hat * self.grid.inverse_wavenumber_squared
-        return self.grid.iky * psi_hat, -self.grid.ikx * psi_hat
+        return self.derivative_y * psi_hat, -self.derivative_x * psi_hat
 
     def advection_hat(self, omega_hat):
-        """-(u . grad omega), its rfft2 filtered by the 2/3 rule."""
+        """-(u . grad omega), its rfft2 filtered by the 2/3 rule (the `dealias` mask)."""
         grid, native = self.grid, self.backend.native
         # The four inverse transforms in one batched call, their inputs written straight into one
         # buffer (no stacking copies): u, v, d(omega)/dx, d(omega)/dy.
         spectral = self.backend.empty((4,) + tuple(omega_hat.shape), complex_valued=True)
-        native.multiply(self._to_u, omega_hat, out=spectral[0])
-        native.multiply(self._to_v, omega_hat, out=spectral[1])
-        native.multiply(grid.ikx, omega_hat, out=spectral[2])
-        native.multiply(grid.iky, omega_hat, out=spectral[3])
+        native.multiply(self.to_u, omega_hat, out=spectral[0])
+        native.multiply(self.to_v, omega_hat, out=spectral[1])
+        native.multiply(self.derivative_x, omega_hat, out=spectral[2])
+        native.multiply(self.derivative_y, omega_hat, out=spectral[3])
         u, v, omega_x, omega_y = grid.to_physical(spectral)
         u *= omega_x
         v *= omega_y
