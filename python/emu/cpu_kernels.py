@@ -212,16 +212,19 @@ def qg_ab3_step(fluxes_hat, q_hat, a00, a01, a10, a11, minus_kx, minus_ky, psi_t
     """
     batch, _, n, pairs = q_hat.shape
     for b in range(batch):
-        for layer in range(2):
-            for i in range(n):
-                factor_y = minus_ky[i]
-                for j in range(pairs // 2):
+        for i in range(n):
+            factor_y = minus_ky[i]
+            for j in range(pairs // 2):
+                re, im = 2 * j, 2 * j + 1
+                factor_x = minus_kx[j]
+                # Both layers per mode: q_hat is read once for the two streamfunctions.
+                q1_real, q1_imaginary = q_hat[b, 0, i, re], q_hat[b, 0, i, im]
+                q2_real, q2_imaginary = q_hat[b, 1, i, re], q_hat[b, 1, i, im]
+                for layer in range(2):
                     first = a00[i, j] if layer == 0 else a10[i, j]
                     second = a01[i, j] if layer == 0 else a11[i, j]
-                    re, im = 2 * j, 2 * j + 1
-                    psi_real = first * q_hat[b, 0, i, re] + second * q_hat[b, 1, i, re]
-                    psi_imaginary = first * q_hat[b, 0, i, im] + second * q_hat[b, 1, i, im]
-                    factor_x = minus_kx[j]
+                    psi_real = first * q1_real + second * q2_real
+                    psi_imaginary = first * q1_imaginary + second * q2_imaginary
                     term_real = -(factor_x * fluxes_hat[0, b, layer, i, im])
                     term_imaginary = factor_x * fluxes_hat[0, b, layer, i, re]
                     term_real = term_real + -(factor_y * fluxes_hat[1, b, layer, i, im])
@@ -241,8 +244,8 @@ def qg_ab3_step(fluxes_hat, q_hat, a00, a01, a10, a11, minus_kx, minus_ky, psi_t
                         if num_previous >= 2:
                             combination_real = combination_real + c2 * previous_2[b, layer, i, re]
                             combination_imaginary = combination_imaginary + c2 * previous_2[b, layer, i, im]
-                        value_real = q_hat[b, layer, i, re] + dt * combination_real
-                        value_imaginary = q_hat[b, layer, i, im] + dt * combination_imaginary
+                        value_real = (q1_real if layer == 0 else q2_real) + dt * combination_real
+                        value_imaginary = (q1_imaginary if layer == 0 else q2_imaginary) + dt * combination_imaginary
                         if has_filter:
                             value_real = step_filter[i, j] * value_real
                             value_imaginary = step_filter[i, j] * value_imaginary
