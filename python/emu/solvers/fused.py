@@ -150,6 +150,15 @@ class FusedAdamsBashforth3(AdamsBashforth3):
         return StepperState(q_new, history, state.level + 1)
 
 
+def ab3_operands(xp, q_hat, previous: list, coefficients: tuple[float, ...]):
+    """What an AB3 kernel takes besides its tables, for the CUDA and CPU twins alike: (q_hat
+    contiguous, the two history slots, the three coefficients zero-padded). Unused history slots get
+    q_hat as a placeholder; the kernel's num_previous keeps them unread."""
+    q_hat = xp.ascontiguousarray(q_hat)
+    previous = [xp.ascontiguousarray(p) for p in previous]
+    return q_hat, previous + [q_hat] * (2 - len(previous)), tuple(coefficients) + (0.0,) * (3 - len(coefficients))
+
+
 # -- per-equation fused operators --------------------------------------------------------------------
 class KolmogorovFused:
     """Fused right-hand side and CN-RK4 stage of a `KolmogorovEquation` (tables taken from it).
@@ -262,14 +271,10 @@ class QGFused:
         """(f_n, q_{n+1}) with q_{n+1} = filter (q_n + dt sum_j c_j f_{n-j}); `previous` holds f_{n-1}
         [, f_{n-2}] and `coefficients` one more number than `previous`."""
         xp, real = self.xp, self.runtime.real
-        q_hat = xp.ascontiguousarray(q_hat)
-        previous = [xp.ascontiguousarray(p) for p in previous]
-        c = tuple(coefficients) + (0.0,) * (3 - len(coefficients))
+        q_hat, slots, c = ab3_operands(xp, q_hat, previous, coefficients)
         fluxes_hat = self.fluxes_hat(q_hat)
         tendency = xp.empty_like(q_hat)
         q_new = xp.empty_like(q_hat)
-        # Unused history slots get q_hat as a placeholder pointer; num_previous keeps them unread.
-        slots = previous + [q_hat] * (2 - len(previous))
         pairs = q_hat.size // 2
         self.runtime.launch("qg_ab3_step", pairs, fluxes_hat, q_hat, slots[0], slots[1], np.int32(len(previous)),
                             self.filter, tendency, q_new, *self._geometry(pairs), *self.physics,

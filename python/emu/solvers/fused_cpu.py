@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu.solvers.fused import FusedAdamsBashforth3, FusedCrankNicolsonRK4
+from emu.solvers.fused import FusedAdamsBashforth3, FusedCrankNicolsonRK4, ab3_operands
 
 
 def _table(array, shape: tuple[int, int], dtype) -> np.ndarray:
@@ -223,14 +223,10 @@ class QGFusedCPU:
         """(f_n, q_{n+1}) with q_{n+1} = filter (q_n + dt sum_j c_j f_{n-j}); `previous` holds f_{n-1}
         [, f_{n-2}] and `coefficients` one more number than `previous`."""
         real = self.real_dtype.type
-        q_hat = np.ascontiguousarray(q_hat)
-        previous = [np.ascontiguousarray(p) for p in previous]
-        c = tuple(coefficients) + (0.0,) * (3 - len(coefficients))
+        q_hat, slots, c = ab3_operands(np, q_hat, previous, coefficients)
         fluxes_hat = self._fluxes_spectrum(q_hat)
         tendency = np.empty_like(q_hat)
         q_new = np.empty_like(q_hat)
-        # Unused history slots get q_hat as a placeholder; num_previous keeps them unread.
-        slots = previous + [q_hat] * (2 - len(previous))
         self.kernels.qg_ab3_step(_floats(fluxes_hat), _floats(q_hat), *self.inversion, self.minus_kx, self.minus_ky,
                                  self.psi_to_tendency, _floats(slots[0]), _floats(slots[1]), len(previous),
                                  real(c[0]), real(c[1]), real(c[2]), real(dt), self.filter, self.has_filter,
