@@ -257,3 +257,19 @@ def test_output_file_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o644
+
+
+def test_small_files_and_checkpoints_have_the_usual_permissions(tmp_path):
+    """results.json/md (write_text_atomically) and checkpoints (save_atomically) also come from mkstemp."""
+    from emu.data.atomic import write_text_atomically
+    from emu.training.loop import save_atomically
+
+    previous = os.umask(0o022)
+    try:
+        text = write_text_atomically(tmp_path / "results.md", "# results\n")
+        save_atomically({"kind": "test"}, tmp_path / "last.pt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(text.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))

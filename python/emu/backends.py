@@ -375,9 +375,9 @@ def cpu_fused_status() -> tuple[bool, str]:
 
 
 def _numba_fused_operators(equation):
-    from emu.cpu_kernels import fused_operators
+    from emu.solvers.fused_cpu import fused_cpu_operators
 
-    return fused_operators(equation)
+    return fused_cpu_operators(equation)
 
 
 # Backends that live in their own door module (emu.cuda for CuPy, emu.julia for juliacall) and register

@@ -657,31 +657,26 @@ def julia_steps_per_second(equation, batch: int, seconds: float, inner: int = 10
 
 def jaxcfd_steps_per_second(grid: int, dtype: str, seconds: float, viscosity: float = 1e-3,
                             inner: int = 10) -> tuple[float, str] | None:
-    """Steps/s of jax-cfd's Kolmogorov solver in this process, or None if jax-cfd is not installed
-    (scripts/bench_gpu_solvers.py; `emu bench` runs jax-cfd in a worker process instead)."""
-    try:
-        import jax
-        import jax_cfd
-        from jax_cfd.base import funcutils, grids
-        from jax_cfd.spectral import equations, time_stepping
-    except ImportError:
+    """Steps/s of jax-cfd's Kolmogorov solver in this process (the worker's `JaxCfdPeer`, built from
+    emu's re1000 config and initial vorticity), or None if jax-cfd is not installed
+    (scripts/bench_gpu_solvers.py; `emu bench` runs the same peer in a worker process instead)."""
+    if importlib.util.find_spec("jax_cfd") is None:
         return None
     import numpy as np
 
-    jax.config.update("jax_enable_x64", dtype == "float64")
-    jax_grid = grids.Grid((grid, grid), domain=((0, 2 * math.pi), (0, 2 * math.pi)))
-    dt = make_config("kolmogorov", grid_size=grid).dt
-    equation = equations.ForcedNavierStokes2D(viscosity, jax_grid, smooth=True)
-    step = jax.jit(funcutils.repeated(time_stepping.crank_nicolson_rk4(equation, dt), inner))
-    omega = make_equation(make_config("kolmogorov", grid_size=grid), get_backend("numpy")).initial_condition(1, 0)[0]
-    state = [jax.numpy.fft.rfftn(jax.numpy.asarray(omega.T.astype(dtype)))]
+    from emu.bench_peers import JaxCfdPeer
 
-    def advance():
-        state[0] = step(state[0])
-
-    rate = calls_per_second(advance, seconds, warmup=2, minimum=2, synchronize=lambda: state[0].block_until_ready())
-    assert np.isfinite(np.asarray(state[0])).all(), "jax-cfd benchmark state became non-finite"
-    return rate * inner, f"jax-cfd {jax_cfd.__version__}"
+    config = make_config("kolmogorov", grid_size=grid)
+    omega = make_equation(config, get_backend("numpy")).initial_condition(1, 0)[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "initial_vorticity.npy"
+        np.save(path, omega)
+        peer = JaxCfdPeer({"grid": grid, "dtype": dtype, "viscosity": viscosity, "dt": config.dt, "inner": inner,
+                           "domain_extent": config.domain_extent, "initial_vorticity": str(path)})
+    rate = calls_per_second(lambda: peer.advance(inner), seconds, warmup=2, minimum=2)
+    if not peer.finite():
+        raise RuntimeError("jax-cfd benchmark state became non-finite")
+    return rate * inner, peer.label
 
 
 # -- the benchmark ----------------------------------------------------------------------------------

@@ -251,17 +251,3 @@ def qg_ab3_step(fluxes_hat, q_hat, a00, a01, a10, a11, minus_kx, minus_ky, psi_t
                             value_imaginary = step_filter[i, j] * value_imaginary
                         q_new[b, layer, i, re] = value_real
                         q_new[b, layer, i, im] = value_imaginary
-
-
-def kernels():
-    """This module's compiled kernels (compiled on first call per dtype); only when `cpu_fused_status()[0]`."""
-    import sys
-
-    return sys.modules[__name__]
-
-
-def fused_operators(equation):
-    """The numpy backend's fused factory: `emu.solvers.fused_cpu` operators for `equation`."""
-    from emu.solvers.fused_cpu import fused_cpu_operators
-
-    return fused_cpu_operators(equation, kernels())

@@ -25,7 +25,7 @@ def save_figure_atomically(figure, path) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
-        from emu.data.hdf5 import default_file_mode
+        from emu.data.atomic import default_file_mode
 
         os.chmod(temporary, default_file_mode())  # mkstemp makes 0600
         figure.savefig(temporary, dpi=110, bbox_inches="tight")

@@ -12,11 +12,19 @@ import tempfile
 from pathlib import Path
 
 
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text_atomically(path, text: str) -> Path:
     """`text` to `path` via temp file + rename; returns the path."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600; the result should read like any file
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temporary, path)

@@ -46,19 +46,13 @@ import h5py
 import numpy as np
 
 import emu
+from emu.data.atomic import default_file_mode
 from emu.data.files import open_hdf5
 from emu.errors import UserError
 
 FORMAT = "emu-run"
 FORMAT_VERSION = 2
 STATUSES = ("complete", "blew_up", "interrupted", "failed")
-
-
-def default_file_mode() -> int:
-    """The mode `open(path, "w")` would give a new file: 0o666 less the process umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 @dataclass

@@ -51,7 +51,8 @@ def _imaginary_vector(array, axis: int, length: int, dtype) -> np.ndarray:
 
 def _floats(array) -> np.ndarray:
     """A C-contiguous complex array seen as floats, (real, imaginary) pairs on the last axis."""
-    return np.ascontiguousarray(array).view(np.ascontiguousarray(array).real.dtype)
+    array = np.ascontiguousarray(array)
+    return array.view(array.real.dtype)
 
 
 class _PlanPair:
@@ -84,10 +85,10 @@ class KolmogorovFusedCPU:
         shape, complex_dtype = grid.spectral_shape, self.complex_dtype
         real_dtype = self.real_dtype
         # The imaginary parts of the equation's own factors, whatever convention they encode.
-        self.to_u = _imaginary_table(getattr(equation, "to_u", getattr(equation, "_to_u", None)), shape, real_dtype)
-        self.to_v = _imaginary_table(getattr(equation, "to_v", getattr(equation, "_to_v", None)), shape, real_dtype)
-        self.derivative_x = _imaginary_table(getattr(equation, "derivative_x", grid.ikx), shape, real_dtype)
-        self.derivative_y = _imaginary_table(getattr(equation, "derivative_y", grid.iky), shape, real_dtype)
+        self.to_u = _imaginary_table(equation.to_u, shape, real_dtype)
+        self.to_v = _imaginary_table(equation.to_v, shape, real_dtype)
+        self.derivative_x = _imaginary_table(equation.derivative_x, shape, real_dtype)
+        self.derivative_y = _imaginary_table(equation.derivative_y, shape, real_dtype)
         self.negative_dealias = _table(-np.asarray(equation.dealias), shape, real_dtype)
         self.has_forcing = equation.forcing_hat is not None
         self.forcing = _floats(_table(equation.forcing_hat if self.has_forcing else np.zeros(shape), shape,
@@ -115,18 +116,15 @@ class KolmogorovFusedCPU:
         plans.forward.execute()
         return plans.forward.output_array
 
-    def advection_product_hat(self, omega_hat) -> np.ndarray:
-        """rfft2(u d(omega)/dx + v d(omega)/dy) before mask and sign, a fresh (batch, n, m) array."""
-        return self._advection_product_spectrum(omega_hat).copy()
-
     def explicit_terms(self, omega_hat) -> np.ndarray:
         """N(omega_hat) = -mask rfft2(u . grad omega) + F_hat, as `KolmogorovEquation.explicit_terms`."""
         advection = self._advection_product_spectrum(omega_hat)
         out = np.empty_like(advection)
-        # The stage kernel with the state update switched off: h <- N(omega_hat), same arithmetic.
-        unused = self._factors(0.0, 0.0)[0]
+        # The stage kernel with the state update switched off: h <- N(omega_hat), same arithmetic;
+        # decay, gain and u are then unread (any table of their shape stands in).
+        placeholder = self.negative_dealias
         self.kernels.kolmogorov_cn_rk4_stage(_floats(advection), self.negative_dealias, self.forcing,
-                                             self.has_forcing, unused, unused, _floats(out), _floats(out),
+                                             self.has_forcing, placeholder, placeholder, _floats(out), _floats(out),
                                              _floats(out), False, self.real_dtype.type(0), False)
         return out
 
@@ -203,10 +201,6 @@ class QGFusedCPU:
         plans.forward.execute()
         return plans.forward.output_array
 
-    def fluxes_hat(self, q_hat) -> np.ndarray:
-        """rfft2 of the fluxes ((u_m + U_m) q_m, v_m q_m): a fresh (2, batch, 2, n, m) array."""
-        return self._fluxes_spectrum(np.ascontiguousarray(q_hat)).copy()
-
     def explicit_terms(self, q_hat) -> np.ndarray:
         """dq_hat/dt, as `QGEquation.explicit_terms`."""
         q_hat = np.ascontiguousarray(q_hat)
@@ -237,7 +231,10 @@ class QGFusedCPU:
 FUSED_CPU_OPERATORS = {"kolmogorov": KolmogorovFusedCPU, "qg": QGFusedCPU}
 
 
-def fused_cpu_operators(equation, kernels):
-    """The fused CPU operator of `equation`'s system, or None for a system without one."""
+def fused_cpu_operators(equation):
+    """The fused CPU operator of `equation`'s system (kernels from `emu.cpu_kernels`), or None for a
+    system without one."""
+    from emu import cpu_kernels
+
     operator = FUSED_CPU_OPERATORS.get(getattr(equation.config, "system", None))
-    return None if operator is None else operator(equation, kernels)
+    return None if operator is None else operator(equation, cpu_kernels)

@@ -155,13 +155,8 @@ class KolmogorovEquation:
         k2 = self.grid.wavenumber_squared_numpy
         self.linear_operator = backend.asarray(-config.viscosity * k2 - config.drag)
         # Products of constant factors, precomputed so each stage multiplies once per field. Every
-        # spectral derivative of the equation (and of any fused kernel reading these tables) goes
-        # through them, so they carry the Nyquist convention (see KolmogorovConfig.dealias):
-        #   derivative_x = i kx, derivative_y = i ky: omega_hat -> the hats of d(omega)/dx, d(omega)/dy;
-        #   to_u = i ky / |k|^2, to_v = -i kx / |k|^2: omega_hat -> u_hat, v_hat;
-        # all broadcastable to (n, n//2+1). emu's convention: the grid's wavenumbers, derivative_x and
-        # derivative_y being the grid's own `ikx` (1, n//2+1) and `iky` (n, 1). jax-cfd's: the same
-        # except at the Nyquist index (`emu.grid.jax_cfd_wavenumbers`), kx a full (n, n//2+1) table.
+        # spectral derivative (here and in fused kernels) goes through these four tables, so they
+        # carry the Nyquist convention of the dealias mode (class docstring, KolmogorovConfig.dealias).
         if config.dealias == "jax-cfd":
             kx, ky = jax_cfd_wavenumbers(config.grid_size, config.domain_extent)
             self.derivative_x = backend.asarray(1j * kx)

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import emu
 from emu.backends import torch_device as resolve_device  # noqa: F401  (the one --device check)
+from emu.data.atomic import default_file_mode
 from emu.errors import UserError
 
 # Files `fit` writes into its output folder (`overwrite=True` deletes exactly these, plus their
@@ -169,6 +170,7 @@ def save_atomically(payload: dict, path: Path) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600; a checkpoint should read like any file
         torch.save(payload, temporary)
         os.replace(temporary, path)
     finally:
