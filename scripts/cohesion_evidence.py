@@ -44,11 +44,11 @@ PRESETS = {
     "small": {**base.PRESETS["small"], "koopman": {**KOOPMAN_SMALL, "horizon": 4, "epochs": 4},
               "score": {**SCORE_SMALL, "epochs": 10, "window_stride": 2, "ema_decay": 0.99}, "horizon": 100,
               "sampler": {"steps": 32, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
-                          "operator": "coarsen:4"}},
+                          "operator": "coarsen:4", "window_stride": 3}},
     "smoke": {**base.PRESETS["smoke"], "koopman": {**KOOPMAN_SMALL, "epochs": 1, "batch_size": 4, "horizon": 3},
               "score": {**SCORE_SMALL, "epochs": 1, "batch_size": 4, "window": 3}, "horizon": 8,
               "sampler": {"steps": 4, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
-                          "operator": "coarsen:2"}},
+                          "operator": "coarsen:2", "window_stride": 2}},
 }
 log = base.log
 
@@ -65,14 +65,24 @@ def stage_score(settings: dict, data: Path, out: Path, device) -> Path:
     return base._train("score", ScoreTrainingConfig, train_score, settings, data, out, device) / "last.pt"
 
 
-def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict) -> dict:
+def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, data: Path) -> dict:
+    """The rows: both Cohesion modes with the prior's error calibrated on the training data's valid
+    split, and two ablations of plan mode: stride-1 windows (SDA's composition, 3x the network calls)
+    and one fixed sigma_y for every frame (no calibration, as before it existed)."""
+    def cohesion(mode, **changes):
+        calibrate = changes.pop("calibrate", True)
+        spec = {"koopman": str(koopman), "score": str(score), "mode": mode, "settings": {**sampler, **changes}}
+        if calibrate:
+            spec["calibrate_on"] = str(data)
+        return {"forecast": spec}
+
     methods = {
         "emulator": None,
         "Koopman prior alone": {"forecast": {"koopman": str(koopman), "mode": "prior"}},
-        "Cohesion, plan (R = T)": {"forecast": {"koopman": str(koopman), "score": str(score), "mode": "plan",
-                                                "settings": sampler}},
-        "Cohesion, autoregressive (R = 1)": {"forecast": {"koopman": str(koopman), "score": str(score),
-                                                          "mode": "autoregressive", "settings": sampler}},
+        "Cohesion, plan (R = T)": cohesion("plan"),
+        "Cohesion, autoregressive (R = 1)": cohesion("autoregressive"),
+        "Cohesion, plan, stride-1 windows": cohesion("plan", window_stride=1),
+        "Cohesion, plan, fixed sigma_y": cohesion("plan", calibrate=False),
     }
     thermalizer, sns = out / "thermalizer" / "last.pt", out / "sns" / "last.pt"
     if thermalizer.is_file():
@@ -100,8 +110,15 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
     def worst(entry, key="spectrum_factor_last_half_wsqrt2"):
         return max(row[key] for row in entry["trajectories"])
 
+    from emu.stabilizers.cohesion import CohesionSettings, window_evaluations
+
+    sampler = CohesionSettings(**settings["sampler"])
+    window, horizon = settings["score"]["window"], settings["horizon"]
+    evaluations = {"plan": window_evaluations("plan", horizon, window, sampler),
+                   "autoregressive": window_evaluations("autoregressive", horizon, window, sampler)}
     goals = {
         "speedup_plan_over_autoregressive": autoregressive["seconds_per_step"] / plan["seconds_per_step"],
+        "window_evaluations_per_trajectory": evaluations,
         "rmse": {name: summary(methods[name], "rmse_mean") for name in methods},
         "spectral_divergence_last_half": {name: summary(methods[name], "spectral_divergence_last_half")
                                           for name in methods},
@@ -117,7 +134,10 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
         f"this CPU): **{goals['speedup_plan_over_autoregressive']:.2f}x** (goal >= 10x at equal quality); quality: "
         f"RMSE plan {summary(plan, 'rmse_mean'):.3g} vs autoregressive {summary(autoregressive, 'rmse_mean'):.3g}, "
         f"SpecDiv {summary(plan, 'spectral_divergence_last_half'):.3g} vs "
-        f"{summary(autoregressive, 'spectral_divergence_last_half'):.3g}.",
+        f"{summary(autoregressive, 'spectral_divergence_last_half'):.3g}, worst E(k) factor over the last half "
+        f"{worst(plan):.3g} vs {worst(autoregressive):.3g}. Window evaluations per trajectory: plan "
+        f"{evaluations['plan']:,} (windows of stride {sampler.window_stride}) vs autoregressive "
+        f"{evaluations['autoregressive']:,} ({evaluations['autoregressive'] / evaluations['plan']:.2f}x).",
         "",
         f"Cohesion plan vs the Koopman prior alone vs the bare emulator: RMSE {summary(plan, 'rmse_mean'):.3g} / "
         f"{summary(prior, 'rmse_mean'):.3g} / {summary(emulator, 'rmse_mean'):.3g}; SpecDiv "
@@ -125,6 +145,13 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
         f"{summary(emulator, 'spectral_divergence_last_half'):.3g}; worst E(k) factor over the last half "
         f"{worst(plan):.3g} / {worst(prior):.3g} / {worst(emulator):.3g} (goal: Cohesion <= 1.5 where the prior is not).",
     ]
+    for name, what in (("Cohesion, plan, stride-1 windows", "Stride-1 windows (SDA's composition)"),
+                       ("Cohesion, plan, fixed sigma_y", "One fixed sigma_y for every frame (no calibration)")):
+        if name in methods:
+            entry = methods[name]
+            notes += ["", f"{what}: RMSE {summary(entry, 'rmse_mean'):.3g}, SpecDiv "
+                          f"{summary(entry, 'spectral_divergence_last_half'):.3g}, worst E(k) factor over the last half "
+                          f"{worst(entry):.3g}, {entry['seconds_per_step'] * 1e3:.0f} ms per step."]
     write_results(results, out, title=f"Cohesion evidence ({settings['system']})", notes=notes)
     plot_results(results, out, system_title=settings["system"])
 
@@ -158,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     koopman = timed("koopman", stage_koopman, settings, data, out, args.device)
     score = timed("score", stage_score, settings, data, out, args.device)
     comparison = out / f"cohesion_h{settings['horizon']}"
-    methods = methods_to_compare(out, koopman, score, settings["sampler"])
+    methods = methods_to_compare(out, koopman, score, settings["sampler"], data)
     results = timed("compare", compare_stabilizers, emulator, reference, comparison, methods,
                     trajectories=settings["reference_trajectories"], steps=settings["horizon"], device=args.device,
                     progress=base.PROGRESS, echo=log)

@@ -125,3 +125,105 @@ def test_the_coarse_prior_operator_has_the_full_frames_scale():
     x = torch.zeros(2, 1, 1, 8, 8, requires_grad=True)
     (adjoint,) = torch.autograd.grad((operator(x) * y).sum(), x)  # A^T y
     torch.testing.assert_close(operator(adjoint), y)
+
+
+# -- the prior's calibrated error and strided plan windows -------------------------------------------
+def test_the_prior_error_is_measured_per_lead_on_held_out_trajectories(tiny_data):
+    from emu.data.loaders import Normalizer, Snapshots
+    from emu.stabilizers.cohesion import calibrate_prior_error
+
+    normalizer = Normalizer.from_dataset(tiny_data)
+    errors = calibrate_prior_error(LinearPrior(), normalizer, tiny_data, "coarsen:4")
+    frames = Snapshots(tiny_data, "valid", snapshots="all", normalizer=normalizer)
+    count, length = frames.shapes[0][:2]
+    assert len(errors) == length and count >= 1
+    truth = torch.stack([frames._read(0, t, slice(0, length)) for t in range(count)]).double().numpy()
+    coarse = truth.reshape(*truth.shape[:3], 4, 4, 4, 4).mean(axis=(4, 6)) * 4  # 4 x the 4 x 4 block means
+    expected = [float(np.sqrt(np.mean((0.9**k * coarse[:, 0] - coarse[:, k]) ** 2))) for k in range(length)]
+    np.testing.assert_allclose(errors, expected, rtol=1e-5)
+    assert errors[0] < 1e-6  # the prior starts from the state itself
+    identity = calibrate_prior_error(LinearPrior(), normalizer, tiny_data, "frames:2")
+    expected = [float(np.sqrt(np.mean((0.9**k * truth[:, 0] - truth[:, k]) ** 2))) for k in range(length)]
+    np.testing.assert_allclose(identity, expected, rtol=1e-5)
+
+
+def test_frame_noise_adds_the_prior_error_in_quadrature_and_holds_its_last_value():
+    settings = CohesionSettings(observation_noise=0.3, prior_error=(0.0, 0.4, 1.2))
+    torch.testing.assert_close(settings.frame_noise(torch.arange(5)),
+                               torch.tensor([0.3, 0.5, 1.2369, 1.2369, 1.2369], dtype=torch.float64), atol=1e-4, rtol=0)
+    assert CohesionSettings().frame_noise(torch.arange(3)).tolist() == [0.1] * 3
+    for bad in ((), (0.1, float("nan")), (-1.0,)):
+        with pytest.raises(ValueError, match="prior_error must be"):
+            CohesionSettings(prior_error=bad)
+    with pytest.raises(ValueError, match="window_stride must be"):
+        CohesionSettings(window_stride=0)
+    with pytest.raises(ValueError, match=r"window_stride must be in \[1, 3\]"):
+        forecast(LinearPrior(), CountingScore(), VPSchedule(), torch.zeros(1, 1, 4, 4), 4, mode="plan",
+                 settings=CohesionSettings(steps=2, window_stride=4))
+
+
+@pytest.mark.parametrize("mode", ["plan", "autoregressive"])
+def test_a_prior_without_skill_leaves_only_the_initial_state_to_guide(mode):
+    """e_k huge for every lead: the prior's pull vanishes, as when no prior frame is observed at all;
+    e_k = 0: the calibration changes nothing."""
+    initial = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run(**changes):
+        settings = CohesionSettings(**{"steps": 4, "corrections": 1, "tau": 0.1, "operator": "coarsen:2", **changes})
+        samples, _ = forecast(LinearPrior(), CountingScore(), VPSchedule(), initial, 5, mode=mode, members=2,
+                              settings=settings, generator=torch.Generator().manual_seed(4))
+        return samples
+
+    unobserved = run(operator="frames:100")  # no prior frame has an index that is a multiple of 100
+    assert (run() - unobserved).abs().max() > 1e-3  # the prior does pull when trusted
+    torch.testing.assert_close(run(prior_error=(1e8,)), unobserved, rtol=0, atol=1e-7)
+    torch.testing.assert_close(run(prior_error=(0.0,)), run(), rtol=0, atol=1e-12)
+
+
+def test_strided_plan_windows_cut_the_network_calls_by_the_stride():
+    from emu.stabilizers.cohesion import window_evaluations
+
+    initial = torch.randn(1, 1, 8, 8)
+    horizon, counted = 12, {}
+    for stride in (1, 3):
+        settings = CohesionSettings(steps=3, corrections=1, operator="coarsen:2", window_stride=stride)
+        network = CountingScore()
+        samples, _ = forecast(LinearPrior(), network, VPSchedule(), initial, horizon, mode="plan", settings=settings,
+                              generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(samples).all()
+        counted[stride] = network.windows
+        assert network.windows == window_evaluations("plan", horizon, 3, settings)
+    # 13 frames, W = 3: 11 windows of stride 1; starts 0, 3, 6, 9 and 10 for stride 3
+    assert counted == {1: 11 * 5, 3: 5 * 5}
+    assert window_evaluations("autoregressive", horizon, 3, CohesionSettings(steps=3)) == 12 * 5
+
+
+def test_cli_calibrates_the_prior_error_on_the_valid_split(tiny_data, tmp_path):
+    import shutil
+
+    from emu.cli import main
+
+    runner = CliRunner()
+    for command, extra in (("koopman", ["--horizon", "3"]), ("score", ["--window", "3"])):
+        result = runner.invoke(main, ["train", command, "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
+                                      "--out", str(tmp_path / command), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+    common = ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--score", str(tmp_path / "score" / "last.pt"),
+              "--init", str(tiny_data), "--horizon", "4", "--trajectories", "1", "--steps", "2", "--no-progress"]
+    result = runner.invoke(main, [*common, "--window-stride", "2", "--out", str(tmp_path / "c.h5")])
+    assert result.exit_code == 0, result.output
+    assert "prior error calibrated on" in result.output
+    with h5py.File(tmp_path / "c.h5") as handle:
+        settings = json.loads(handle["emu"].attrs["settings"])
+        assert len(settings["prior_error"]) == 6 and settings["window_stride"] == 2  # tiny_data: 6 snapshots
+        # windows at 0 and 2 (5 frames, W = 3), each scored 2 + 1 times (2 predictor steps, 1 correction)
+        assert handle["emu"].attrs["window_evaluations"] == 2 * 3
+    result = runner.invoke(main, [*common, "--prior-error", "none", "--out", str(tmp_path / "n.h5")])
+    assert result.exit_code == 0 and "calibrated" not in result.output, result.output
+    with h5py.File(tmp_path / "n.h5") as handle:
+        assert json.loads(handle["emu"].attrs["settings"])["prior_error"] is None
+    no_valid = tmp_path / "no_valid"
+    shutil.copytree(tiny_data, no_valid)
+    shutil.rmtree(no_valid / "data" / "valid")
+    result = runner.invoke(main, [*common, "--calibration-data", str(no_valid), "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code != 0 and "--calibration-data" in result.output and "--prior-error none" in result.output

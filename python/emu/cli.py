@@ -836,12 +836,21 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
               help="Weight of (sigma/mu)^2 in its variance. [default: 1]")
 @click.option("--operator", default="coarsen:4", show_default=True,
               help="How the prior is observed: identity, coarsen:F (F x F block means) or frames:S (every S-th frame).")
+@click.option("--prior-error", type=click.Choice(["calibrated", "none"]), default="calibrated", show_default=True,
+              help="calibrated: observe the prior's frame k with noise sqrt(sigma_y^2 + e_k^2), e_k its RMS error at "
+                   "lead k measured on the valid split of --calibration-data; none: sigma_y for every frame.")
+@click.option("--calibration-data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Dataset folder whose valid trajectories calibrate the prior's error. [default: --init]")
+@click.option("--window-stride", type=int, default=1, show_default=True,
+              help="Plan mode: score windows every S frames (1 <= S <= W; S = 3 with W = 5 needs a third of the "
+                   "network calls and is exact at t = 0 for first-order dynamics).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default="forecast.h5", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def forecast(koopman_checkpoint, score_checkpoint, init, horizon, mode, members, trajectories, split, steps,
-             corrections, tau, strength, observation_noise, gamma, operator, seed, device, out, progress):
+             corrections, tau, strength, observation_noise, gamma, operator, prior_error, calibration_data,
+             window_stride, seed, device, out, progress):
     """Cohesion: forecast with the Koopman prior refined by guided diffusion over the whole sequence
     (plan) or window by window (autoregressive); writes the dataset's HDF5 layout with the timing.
 
@@ -853,14 +862,20 @@ def forecast(koopman_checkpoint, score_checkpoint, init, horizon, mode, members,
 
     check_writable(out, "--out")
     settings = CohesionSettings(steps=steps, corrections=corrections, tau=tau, strength=strength,
-                                observation_noise=observation_noise, gamma=gamma, operator=operator)
+                                observation_noise=observation_noise, gamma=gamma, operator=operator,
+                                window_stride=window_stride)
+    calibrate_on = (calibration_data or init) if prior_error == "calibrated" else None
     result = forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, horizon=horizon, mode=mode,
                               members=members, trajectories=trajectories, split=split, settings=settings,
-                              device=device, seed=seed, progress=progress)
+                              calibrate_on=calibrate_on, device=device, seed=seed, progress=progress)
     timings = result["timings"]
     mse = np.nanmean(result["mse"], axis=0)
     shown = [s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s < len(mse)] + [len(mse) - 1]
     click.echo(f"{trajectories} trajectories x {members} members x {horizon} frames ({mode}) -> {out}")
+    if result["settings"].prior_error is not None:
+        errors = result["settings"].prior_error
+        click.echo(f"prior error calibrated on {calibrate_on} (valid): RMS {errors[0]:.3g} at lead 0, "
+                   f"{errors[min(len(errors) - 1, horizon)]:.3g} at lead {min(len(errors) - 1, horizon)}")
     click.echo(f"prior {timings['prior_seconds']:.2f} s, diffusion {timings['diffusion_seconds']:.2f} s "
                f"({(timings['prior_seconds'] + timings['diffusion_seconds']) / horizon * 1e3:.1f} ms per frame)")
     if len(mse) > 1:

@@ -84,7 +84,7 @@ from emu.diffusion.levels import (
 from emu.diffusion.sampler import PredictorCorrectorSampler
 from emu.diffusion.schedules import TABLES, CosineSchedule
 from emu.diffusion.vp import VPSchedule
-from emu.diffusion.windows import compose_window_scores, window_starts
+from emu.diffusion.windows import compose_window_scores, strided_starts, window_starts
 
 __all__ = [
     "DIFFUSION_BACKENDS",
@@ -109,5 +109,6 @@ __all__ = [
     "posterior_std",
     "sample_levels",
     "tweedie",
+    "strided_starts",
     "window_starts",
 ]

@@ -12,7 +12,9 @@ so, in the noise parametrisation eps = -sigma score,
 
     eps_guided = eps_hat - strength sigma(t) grad_{x_t} log p(y | x_t).
 
-sigma_y (`observation_noise`) is the observation's noise, gamma (sigma/mu)^2 a stand-in for the
+sigma_y (`observation_noise`) is the observation's noise (one number, or a tensor of A(x)'s shape
+without its batch axis, or broadcastable to it, for an observation whose error differs from entry to
+entry: a prior whose error grows with lead time), gamma (sigma/mu)^2 a stand-in for the
 error of x0_hat, which grows with t (gamma = 1 is the natural scale, Var[x_0 | x_t] ~ (sigma/mu)^2
 for unit-variance data at small t; SDA's code defaults to 1e-2). `strength` multiplies the gradient
 term (0: the unconditional eps_hat, exactly; the network is evaluated once and nothing else runs).
@@ -124,15 +126,24 @@ class MaskOperator:
 
 
 # -- the guided noise --------------------------------------------------------------------------------
-def observation_variance(schedule: VPSchedule, t: TimeLike, like: torch.Tensor, observation_noise: float = 0.1,
+NoiseLike = float | torch.Tensor
+
+
+def observation_variance(schedule: VPSchedule, t: TimeLike, like: torch.Tensor, observation_noise: NoiseLike = 0.1,
                          gamma: float = 1.0) -> torch.Tensor:
-    """sigma_y^2 + gamma (sigma(t)/mu(t))^2 per sample, shaped (batch, 1, ..., 1) like `like`."""
+    """sigma_y^2 + gamma (sigma(t)/mu(t))^2: per sample, shaped (batch, 1, ..., 1) like `like`, for a
+    scalar sigma_y; broadcast with it (batch, *sigma_y's shape) for a tensor sigma_y."""
     mu, sigma = schedule.coefficients(t, like)
-    return observation_noise ** 2 + gamma * (sigma / mu) ** 2
+    ratio = (sigma / mu) ** 2
+    if isinstance(observation_noise, torch.Tensor):
+        noise = observation_noise.to(device=like.device, dtype=like.dtype)
+        ratio = ratio.reshape(like.shape[0], *([1] * noise.ndim))
+        return noise ** 2 + gamma * ratio
+    return observation_noise ** 2 + gamma * ratio
 
 
 def guided_noise(eps_fn: EpsFunction, x: torch.Tensor, t: TimeLike, schedule: VPSchedule, prior: torch.Tensor,
-                 operator: Operator | None = None, *, strength: float = 1.0, observation_noise: float = 0.1,
+                 operator: Operator | None = None, *, strength: float = 1.0, observation_noise: NoiseLike = 0.1,
                  gamma: float = 1.0, through_network: bool = True) -> torch.Tensor:
     """eps_hat(x, t) - strength sigma(t) grad_x log p(y | x), the Tweedie Gaussian likelihood (module docstring).
 
@@ -144,7 +155,8 @@ def guided_noise(eps_fn: EpsFunction, x: torch.Tensor, t: TimeLike, schedule: VP
             axis 0 for M member-major ensemble members).
         operator: A, a differentiable callable (default IdentityOperator()).
         strength: the multiplier of the likelihood gradient, >= 0 (0 returns eps_fn(x, t) as is).
-        observation_noise: sigma_y > 0 (or >= 0 with gamma > 0).
+        observation_noise: sigma_y > 0 (or >= 0 with gamma > 0): a number, or a tensor broadcastable to
+            A(x)'s shape without the batch axis (per observed entry).
         gamma: the weight of (sigma/mu)^2 in the likelihood's variance, >= 0.
         through_network: differentiate through eps_fn (True) or treat d x0_hat/dx as I/mu (False).
 
@@ -158,7 +170,6 @@ def guided_noise(eps_fn: EpsFunction, x: torch.Tensor, t: TimeLike, schedule: VP
     if operator is None:
         operator = IdentityOperator()
     mu, sigma = schedule.coefficients(t, x)
-    variance = observation_noise ** 2 + gamma * (sigma / mu) ** 2
     with torch.enable_grad():
         inputs = x.detach().requires_grad_(True)
         if through_network:
@@ -173,14 +184,14 @@ def guided_noise(eps_fn: EpsFunction, x: torch.Tensor, t: TimeLike, schedule: VP
         observed = operator(clean)
         target = _match_batch(prior, observed)
         residual = target - observed
-        per_sample_variance = variance.reshape(x.shape[0], *([1] * (residual.ndim - 1)))
-        log_likelihood = -0.5 * (residual.square() / per_sample_variance).sum()
+        variance = _likelihood_variance(mu, sigma, residual, observation_noise, gamma)
+        log_likelihood = -0.5 * (residual.square() / variance).sum()
         (gradient,) = torch.autograd.grad(log_likelihood, inputs)
     return (eps.detach() - strength * sigma * gradient).to(x.dtype)
 
 
 def guided_eps_fn(eps_fn: EpsFunction, schedule: VPSchedule, prior: torch.Tensor, operator: Operator | None = None,
-                  *, strength: float = 1.0, observation_noise: float = 0.1, gamma: float = 1.0,
+                  *, strength: float = 1.0, observation_noise: NoiseLike = 0.1, gamma: float = 1.0,
                   through_network: bool = True) -> EpsFunction:
     """`guided_noise` as an eps_fn(x, t) for PredictorCorrectorSampler (the same arguments)."""
     _check_arguments(strength, observation_noise, gamma)  # once, here, rather than at the first step
@@ -192,13 +203,38 @@ def guided_eps_fn(eps_fn: EpsFunction, schedule: VPSchedule, prior: torch.Tensor
     return guided
 
 
-def _check_arguments(strength: float, observation_noise: float, gamma: float) -> None:
+def _likelihood_variance(mu: torch.Tensor, sigma: torch.Tensor, residual: torch.Tensor, observation_noise: NoiseLike,
+                         gamma: float) -> torch.Tensor:
+    """sigma_y^2 + gamma (sigma/mu)^2 broadcast against the residual (batch, ...): the diffusion term per
+    sample, sigma_y per entry when it is a tensor."""
+    ratio = ((sigma / mu) ** 2).reshape(residual.shape[0], *([1] * (residual.ndim - 1)))
+    if isinstance(observation_noise, torch.Tensor):
+        noise = observation_noise.to(device=residual.device, dtype=residual.dtype)
+        try:
+            torch.broadcast_shapes(noise.shape, residual.shape[1:])
+        except RuntimeError:
+            raise ValueError(f"observation_noise of shape {tuple(noise.shape)} does not broadcast against A(x) "
+                             f"without its batch axis, {tuple(residual.shape[1:])}") from None
+        return noise ** 2 + gamma * ratio
+    return observation_noise ** 2 + gamma * ratio
+
+
+def _check_arguments(strength: float, observation_noise: NoiseLike, gamma: float) -> None:
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
         raise ValueError(f"strength must be a number >= 0, got {strength!r}")
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0:
         raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+    if isinstance(observation_noise, torch.Tensor):
+        if not observation_noise.dtype.is_floating_point or not bool(torch.isfinite(observation_noise).all()):
+            raise ValueError("observation_noise as a tensor must hold finite floating-point values")
+        smallest = float(observation_noise.min()) if observation_noise.numel() else 0.0
+        if smallest < 0:
+            raise ValueError(f"observation_noise must be >= 0 everywhere, got a minimum of {smallest!r}")
+        if smallest == 0 and gamma == 0:
+            raise ValueError("observation_noise and gamma cannot both be 0 (the likelihood's variance would be 0)")
+        return
     if not isinstance(observation_noise, (int, float)) or isinstance(observation_noise, bool) or observation_noise < 0:
-        raise ValueError(f"observation_noise must be a number >= 0, got {observation_noise!r}")
+        raise ValueError(f"observation_noise must be a number >= 0 or a tensor, got {observation_noise!r}")
     if observation_noise == 0 and gamma == 0:
         raise ValueError("observation_noise and gamma cannot both be 0 (the likelihood's variance would be 0)")
 

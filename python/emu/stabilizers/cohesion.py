@@ -17,14 +17,25 @@ One home for the method's inference, built on its two trained parts and the shar
 Two modes, one API (`forecast`):
 
     plan            (R = T) the whole sequence u_{0:T} is denoised at once: one sampler run whose
-                    every network call scores all T - W + 2 windows in one batch;
+                    every network call scores all T - W + 2 windows in one batch (stride 1), or
+                    about (T + 1 - W)/s + 1 of them with windows of stride s (`window_stride`);
     autoregressive  (R = 1) window by window: T sampler runs, run k generating frame k in a window
                     whose earlier frames are the ones already generated, observed exactly.
 
 Both observe the initial state u_0 in full (A = identity on frame 0) and the prior's frames through
-A. The network evaluations are about the same in both modes (T windows x steps x (1 + corrections));
-plan mode batches them, which is where its speed-up comes from (measured in the evidence, not
-assumed).
+A. With stride-1 windows the network evaluations are about the same in both modes (T windows x
+steps x (1 + corrections)) and plan mode only batches them, which pays on a GPU; strided windows
+(s = 3 for W = 5, still exact at t = 0 for first-order dynamics, `emu.diffusion.windows`) cut plan
+mode's evaluations by s. Both are measured in the evidence, not assumed.
+
+The prior's error grows with lead time: a Koopman forecast regresses to the mean as predictability is
+lost (measured on the small Kolmogorov set: the RMS error of its 4 x 4 block means grows from 0.9 of
+their 2.6 RMS at lead 0 to 2.4 by lead 20). A likelihood with one sigma_y = 0.1 then pulls every
+sample's large scales onto a decayed field (the planned spectrum was 20x low at the largest
+scales). `calibrate_prior_error` measures the prior's error per lead on held-out trajectories,
+e_k = RMS(A(prior_k) - A(truth_k)), and the likelihood uses sigma_y,k = sqrt(sigma_y^2 + e_k^2) for
+frame k (e_k held at its last measured value beyond the held-out trajectories' length), so guidance
+fades where the prior has no skill left.
 
 A third mode, "prior", returns the Koopman prior alone (no diffusion), the baseline the paper's
 refinement is judged against.
@@ -40,6 +51,7 @@ assimilation" (window composition, guidance, the predictor-corrector sampler); L
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -71,6 +83,9 @@ class CohesionSettings:
         tau: the corrector's step size.
         strength: multiplier of the likelihood gradient (0: unconditional).
         observation_noise: sigma_y of the Gaussian likelihood (normalised units).
+        prior_error: e_k, the RMS error of A(prior) at lead k = 0, 1, ... (`calibrate_prior_error`); the
+            prior's frame k is then observed with noise sqrt(sigma_y^2 + e_k^2), e_k held at its last
+            value beyond the tuple. None: sigma_y for every frame.
         gamma: weight of (sigma/mu)^2 in the likelihood's variance; None: 1, the scale of A A^T of every
             operator here ("coarsen:F" observes F x the block means, `NormalisedCoarsen`, so that
             the full frames observed beside the prior and the prior's means share one consistent gamma).
@@ -78,6 +93,7 @@ class CohesionSettings:
             S-th frame of the prior observed in full, the others not at all).
         through_network: differentiate the likelihood through the network (SDA's default) or not.
         max_windows: at most this many windows per network call (memory; None: all at once).
+        window_stride: plan mode's window spacing s, 1 <= s <= W (`emu.diffusion.compose_window_scores`).
     """
 
     steps: int = 64
@@ -89,6 +105,8 @@ class CohesionSettings:
     operator: str = "coarsen:4"
     through_network: bool = True
     max_windows: int | None = None
+    prior_error: tuple[float, ...] | None = None
+    window_stride: int = 1
 
     def __post_init__(self):
         checks = [
@@ -101,11 +119,26 @@ class CohesionSettings:
             (self.gamma is None or self.gamma >= 0, "gamma", ">= 0 or None", self.gamma),
             (self.max_windows is None or (isinstance(self.max_windows, int) and self.max_windows >= 1), "max_windows",
              "an integer >= 1 or None", self.max_windows),
+            (self.prior_error is None or (len(self.prior_error) >= 1 and all(
+                isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in self.prior_error)),
+             "prior_error", "None or a non-empty sequence of finite numbers >= 0", self.prior_error),
+            (isinstance(self.window_stride, int) and not isinstance(self.window_stride, bool) and self.window_stride >= 1,
+             "window_stride", "an integer >= 1 (and <= the score window)", self.window_stride),
         ]
         for ok, name, allowed, value in checks:
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {value!r}")
         parse_operator(self.operator)
+        if self.prior_error is not None:
+            object.__setattr__(self, "prior_error", tuple(float(e) for e in self.prior_error))
+
+    def frame_noise(self, leads: torch.Tensor) -> torch.Tensor:
+        """sigma_y,k of the prior's frames at leads k (int64): sqrt(sigma_y^2 + e_k^2), float64."""
+        base = torch.full(leads.shape, float(self.observation_noise), dtype=torch.float64)
+        if self.prior_error is None:
+            return base
+        errors = torch.tensor(self.prior_error, dtype=torch.float64)
+        return (base.square() + errors[leads.clamp(max=len(errors) - 1)].square()).sqrt()
 
     @property
     def likelihood_gamma(self) -> float:
@@ -166,6 +199,56 @@ class InitialAndPrior:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, :self.known].flatten(1), self.operator(x[:, self.known:]).flatten(1)], dim=1)
 
+    def entry_noise(self, like: torch.Tensor, known_noise: float, frame_noise: torch.Tensor) -> torch.Tensor:
+        """sigma_y per entry of A(like) (like: (B, frames, ...)): `known_noise` on the known frames,
+        frame_noise[j] on every entry of the j-th prior frame."""
+        with torch.no_grad():
+            per_frame = self.operator(like[:1, self.known:])[0, 0].numel()
+        known = torch.full((like[0, :self.known].numel(),), float(known_noise), dtype=frame_noise.dtype)
+        return torch.cat([known, frame_noise.repeat_interleave(per_frame)]).to(device=like.device, dtype=like.dtype)
+
+
+def _observation_noise(settings: CohesionSettings, operator: InitialAndPrior, like: torch.Tensor, first_lead: int):
+    """The likelihood's sigma_y: the settings' number, or per entry with the prior's calibrated error
+    at leads first_lead, first_lead + 1, ... for the prior frames of `like`."""
+    if settings.prior_error is None:
+        return settings.observation_noise
+    leads = torch.arange(first_lead, first_lead + like.shape[1] - operator.known)
+    return operator.entry_noise(like, settings.observation_noise, settings.frame_noise(leads))
+
+
+def calibration_operator(spec: str):
+    """The operator the prior's error is measured through: the prior operator's spatial part
+    (identity for 'frames:S', whose observed frames are seen in full)."""
+    parse_operator(spec)
+    name, _, argument = str(spec).partition(":")
+    return NormalisedCoarsen(int(argument)) if name == "coarsen" else IdentityOperator()
+
+
+def calibrate_prior_error(koopman, normalizer, data, operator: str = "coarsen:4", *, split: str = "valid",
+                          device=None, batch: int = 64) -> tuple[float, ...]:
+    """e_k = RMS of A(prior_k) - A(truth_k) over every trajectory of the split and every entry, for leads
+    k = 0 .. L - 1 (L: the split's trajectory length), the prior forecast from each trajectory's first
+    frame; normalised units (the units of A(x) in the likelihood). Held-out data only: the default
+    split is "valid", so the test trajectories a forecast is judged on are not used."""
+    from emu.data.loaders import Snapshots
+
+    A = calibration_operator(operator)
+    frames = Snapshots(data, split, snapshots="all", normalizer=normalizer)
+    squared, count = None, 0
+    for file_index, (trajectories, length, *_) in enumerate(frames.shapes):
+        for first in range(0, trajectories, batch):
+            truth = torch.stack([frames._read(file_index, t, slice(0, length))
+                                 for t in range(first, min(trajectories, first + batch))]).to(device)
+            with torch.no_grad():
+                prior = koopman.forecast(truth[:, 0], length - 1)
+                error = (A(prior) - A(truth)).double().square().flatten(2).sum(dim=(0, 2))
+            squared = error if squared is None else squared[:len(error)] + error[:len(squared)]
+            count += truth.shape[0] * A(truth[:1, :1])[0, 0].numel()
+    if squared is None:
+        raise ValueError(f"{data}: split {split!r} holds no trajectories to calibrate the prior's error on")
+    return tuple(float(v) for v in (squared / count).sqrt().cpu())
+
 
 def _window_eps(network) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda windows, t: network(windows, t)
@@ -179,13 +262,16 @@ def plan(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings
     window = network.window
     if frames < window:
         raise ValueError(f"the horizon + 1 = {frames} frames must be at least the score network's window {window}")
+    if settings.window_stride > window:
+        raise ValueError(f"window_stride must be in [1, {window}] (the score network's window), got {settings.window_stride}")
     operator = InitialAndPrior(parse_operator(settings.operator)(frames - 1))
     observed = operator(torch.cat([initial[:, None], prior[:, 1:]], dim=1))
     eps = guided_eps_fn(lambda x, t: compose_window_scores(_window_eps(network), x, t, window,
+                                                           stride=settings.window_stride,
                                                            max_windows=settings.max_windows),
                         schedule, observed, operator, strength=settings.strength,
-                        observation_noise=settings.observation_noise, gamma=settings.likelihood_gamma,
-                        through_network=settings.through_network)
+                        observation_noise=_observation_noise(settings, operator, prior, 1),
+                        gamma=settings.likelihood_gamma, through_network=settings.through_network)
     sampler = PredictorCorrectorSampler(schedule, steps=settings.steps, corrections=settings.corrections,
                                         tau=settings.tau)
     samples = sampler.sample(eps, tuple(prior.shape), generator, members=members, dtype=prior.dtype,
@@ -217,8 +303,9 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
         past = torch.stack(sequence[start:k], dim=1)
         operator = InitialAndPrior(make_operator(window - known, k), known=known)
         observed = torch.cat([past.flatten(1), operator.operator(repeated_prior[:, k:start + window]).flatten(1)], 1)
+        noise = _observation_noise(settings, operator, repeated_prior[:, start:start + window], k)
         eps = guided_eps_fn(_window_eps(network), schedule, observed, operator, strength=settings.strength,
-                            observation_noise=settings.observation_noise, gamma=settings.likelihood_gamma,
+                            observation_noise=noise, gamma=settings.likelihood_gamma,
                             through_network=settings.through_network)
         window_samples = sampler.sample(eps, (members * batch, window, *prior.shape[2:]), generator,
                                         dtype=prior.dtype, device=prior.device)
@@ -226,6 +313,20 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
         if on_frame is not None:
             on_frame(k)
     return torch.stack(sequence, dim=1).reshape(members, batch, frames, *prior.shape[2:])
+
+
+def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionSettings) -> int:
+    """Score-network evaluations of one W-frame window, per forecast trajectory and member: plan mode
+    scores its strided windows once per sampler evaluation, autoregressive mode one window per frame."""
+    if mode == "prior":
+        return 0
+    if mode == "plan":
+        from emu.diffusion import strided_starts
+
+        windows = strided_starts(horizon + 1, window, min(settings.window_stride, window)).numel()
+    else:
+        windows = horizon
+    return windows * settings.network_evaluations_per_window
 
 
 def forecast(koopman, network, schedule, initial: torch.Tensor, horizon: int, *, mode: str = "plan",
@@ -258,15 +359,17 @@ def forecast(koopman, network, schedule, initial: torch.Tensor, horizon: int, *,
 
 def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon: int, mode: str = "plan",
                      members: int = 1, trajectories: int = 4, split: str = "test",
-                     settings: CohesionSettings | None = None, device=None, seed: int = 0,
+                     settings: CohesionSettings | None = None, calibrate_on=None, device=None, seed: int = 0,
                      progress: bool = True) -> dict:
     """`emu forecast`: forecasts from the first snapshot of `trajectories` trajectories of the dataset
     `init` (split `split`, which must hold data), written to `out` in the dataset's layout with
     n_trajectories = trajectories x members (trajectory-major: row b M + m is member m of trajectory
     b), the per-step MSE against the solver where the dataset has it (member-wise), and the timing.
-    `score_checkpoint` may be None for mode "prior"."""
+    `score_checkpoint` may be None for mode "prior". `calibrate_on`: a dataset folder whose valid split
+    calibrates the prior's error per lead (`calibrate_prior_error`, into settings.prior_error);
+    None keeps settings.prior_error as given."""
     from emu.data.loaders import Snapshots
-    from emu.data.well import EMU_GROUP, create_well_file
+    from emu.data.well import EMU_GROUP, create_well_file, split_files
     from emu.errors import UserError
     from emu.training.koopman import load_koopman
     from emu.training.loop import resolve_device
@@ -287,6 +390,15 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
                              "statistics: train both on the same dataset")
         network.to(device)
     koopman.to(device)
+    if calibrate_on is not None and mode != "prior":
+        from dataclasses import replace
+
+        if not split_files(calibrate_on, "valid"):
+            raise UserError(f"--calibration-data {calibrate_on}: no valid trajectories (data/valid/ is empty) to "
+                            "measure the prior's error on; pass a dataset folder that has them (the training data), "
+                            "or --prior-error none")
+        settings = replace(settings, prior_error=calibrate_prior_error(koopman, normalizer, calibrate_on,
+                                                                       settings.operator, device=device))
     chosen = require_split(init, split)
     frames = Snapshots(init, chosen, snapshots="all", normalizer=normalizer)
     available, stored = frames.shapes[0][0], frames.shapes[0][1]
@@ -318,7 +430,9 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
     attributes = {"config": json.dumps(config), "kind": f"cohesion forecast ({mode})", "mode": mode,
                   "members": members, "koopman": str(koopman_checkpoint), "score": str(score_checkpoint),
                   "split": chosen, "settings": json.dumps(asdict(settings)), **timings,
-                  "seconds_per_frame": (timings["prior_seconds"] + timings["diffusion_seconds"]) / horizon}
+                  "seconds_per_frame": (timings["prior_seconds"] + timings["diffusion_seconds"]) / horizon,
+                  "window_evaluations": window_evaluations(mode, horizon, network.window if network else 0, settings)
+                  * trajectories * members}
     handle = create_well_file(temporary, dataset_name=f"emu_forecast_{mode}", channels=channels,
                               n_trajectories=trajectories * members, n_steps=horizon + 1, grid_size=states.shape[-1],
                               domain_extent=float(extent), snapshot_interval=dataset["snapshot_interval"],
@@ -340,8 +454,8 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
     group.create_dataset("diverged_at", data=diverged)
     handle.close()
     os.replace(temporary, out)
-    return {"path": out, "mse": mse, "timings": timings, "split": chosen, "members": members}
+    return {"path": out, "mse": mse, "timings": timings, "split": chosen, "members": members, "settings": settings}
 
 
-__all__ = ["MODES", "CohesionSettings", "InitialAndPrior", "autoregressive", "forecast", "forecast_to_file",
-           "parse_operator", "plan"]
+__all__ = ["MODES", "CohesionSettings", "InitialAndPrior", "autoregressive", "calibrate_prior_error",
+           "calibration_operator", "forecast", "forecast_to_file", "parse_operator", "plan", "window_evaluations"]
