@@ -87,21 +87,30 @@ def test_operators_and_settings_are_checked():
         forecast(LinearPrior(), CountingScore(), VPSchedule(), torch.zeros(1, 1, 4, 4), 1, mode="plan")
 
 
-def test_cli_trains_both_parts_and_forecasts_in_the_dataset_layout(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """`emu train koopman` and `emu train score`, one epoch each on tiny_data: the folder holding both."""
+    from emu.cli import main
+
+    folder = tmp_path_factory.mktemp("cohesion_parts")
+    for command, extra in (("koopman", ["--horizon", "3"]), ("score", ["--window", "3"])):
+        result = CliRunner().invoke(main, ["train", command, "--data", str(tiny_data), "--epochs", "1", "--batch-size",
+                                           "4", "--out", str(folder / command), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_cli_trains_both_parts_and_forecasts_in_the_dataset_layout(tiny_data, trained, tmp_path):
     from emu.cli import main
 
     runner = CliRunner()
-    for command, extra in (("koopman", ["--horizon", "3"]), ("score", ["--window", "3"])):
-        result = runner.invoke(main, ["train", command, "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
-                                      "--out", str(tmp_path / command), "--no-progress", *extra])
-        assert result.exit_code == 0, result.output
     for mode in ("plan", "autoregressive", "prior"):
         out = tmp_path / f"{mode}.h5"
-        arguments = ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--init", str(tiny_data),
+        arguments = ["forecast", "--koopman", str(trained / "koopman" / "last.pt"), "--init", str(tiny_data),
                      "--horizon", "4", "--mode", mode, "--members", "2", "--trajectories", "1", "--steps", "3",
                      "--out", str(out), "--no-progress"]
         if mode != "prior":
-            arguments += ["--score", str(tmp_path / "score" / "last.pt")]
+            arguments += ["--score", str(trained / "score" / "last.pt")]
         result = runner.invoke(main, arguments)
         assert result.exit_code == 0, result.output
         assert f"1 trajectories x 2 members x 4 frames ({mode})" in result.output
@@ -111,7 +120,7 @@ def test_cli_trains_both_parts_and_forecasts_in_the_dataset_layout(tiny_data, tm
             assert handle["emu"].attrs["mode"] == mode and handle["emu"].attrs["members"] == 2
             assert handle["emu"].attrs["prior_seconds"] > 0 and handle["emu"]["mse"].shape == (2, 5)
             assert np.allclose(handle["emu"]["mse"][:, 0], 0, atol=1e-10)  # frame 0 is the initial state
-    result = runner.invoke(main, ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--init",
+    result = runner.invoke(main, ["forecast", "--koopman", str(trained / "koopman" / "last.pt"), "--init",
                                   str(tiny_data), "--trajectories", "1", "--horizon", "4", "--out", str(tmp_path / "x.h5")])
     assert result.exit_code != 0 and "--mode plan needs --score" in result.output
 
@@ -198,17 +207,13 @@ def test_strided_plan_windows_cut_the_network_calls_by_the_stride():
     assert window_evaluations("autoregressive", horizon, 3, CohesionSettings(steps=3)) == 12 * 5
 
 
-def test_cli_calibrates_the_prior_error_on_the_valid_split(tiny_data, tmp_path):
+def test_cli_calibrates_the_prior_error_on_the_valid_split(tiny_data, trained, tmp_path):
     import shutil
 
     from emu.cli import main
 
     runner = CliRunner()
-    for command, extra in (("koopman", ["--horizon", "3"]), ("score", ["--window", "3"])):
-        result = runner.invoke(main, ["train", command, "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
-                                      "--out", str(tmp_path / command), "--no-progress", *extra])
-        assert result.exit_code == 0, result.output
-    common = ["forecast", "--koopman", str(tmp_path / "koopman" / "last.pt"), "--score", str(tmp_path / "score" / "last.pt"),
+    common = ["forecast", "--koopman", str(trained / "koopman" / "last.pt"), "--score", str(trained / "score" / "last.pt"),
               "--init", str(tiny_data), "--horizon", "4", "--trajectories", "1", "--steps", "2", "--no-progress"]
     result = runner.invoke(main, [*common, "--window-stride", "2", "--out", str(tmp_path / "c.h5")])
     assert result.exit_code == 0, result.output
