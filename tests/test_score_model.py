@@ -249,6 +249,45 @@ def test_loss_equals_the_hand_computation():
         objective(_window(window=4), None)
 
 
+def test_v_prediction_reads_as_noise_and_its_loss_is_the_v_error():
+    """eps_hat = sigma x_t + mu v_hat exactly, and the training loss ||eps_hat - eps||² / mu² is ||v_hat - v||²
+    with v = mu eps - sigma x_0 (Salimans & Ho 2022), whatever the network."""
+    from emu.training.score import VPredictionScore, noise_predictor
+
+    network = _tiny()
+    schedule = VPSchedule(eta=1e-3)
+    window = _window(batch=3)
+    t = torch.tensor([0.05, 0.5, 1.0])
+    noise = torch.randn(window.shape, generator=torch.Generator().manual_seed(5))
+    predictor = noise_predictor(network, schedule, "v")
+    assert isinstance(predictor, VPredictionScore) and predictor.window == network.window
+    assert noise_predictor(network, schedule, "eps") is network
+    objective = ScoreLoss(network, schedule, prediction="v")
+    with torch.no_grad():
+        loss = objective(window, t, noise)
+        mu, sigma = schedule.coefficients(t, window)
+        noised = mu * window + sigma * noise
+        v_hat = network(noised, t)
+        torch.testing.assert_close(predictor(noised, t), sigma * noised + mu * v_hat)
+        torch.testing.assert_close(loss, ((v_hat - (mu * noise - sigma * window)) ** 2).mean(), rtol=1e-5, atol=0)
+        eps_mse = ((sigma * noised + mu * v_hat - noise) ** 2).mean()
+    assert objective.terms == {"noise_mse": pytest.approx(float(eps_mse), rel=1e-5)}
+    # at t = 1 a v network of all zeros predicts eps_hat = sigma x_t: the noise to within mu (sigma x_0 - mu eps),
+    # mu = sqrt(eta) = 0.032 (an eps network must learn this identity itself)
+    zeroed = _tiny()
+    with torch.no_grad():
+        for parameter in zeroed.parameters():
+            parameter.zero_()
+    zero = VPredictionScore(zeroed, schedule)
+    one = torch.ones(3)
+    x1 = schedule.add_noise(window, one, noise)
+    mu1, sigma1 = schedule.coefficients(one, window)
+    with torch.no_grad():
+        torch.testing.assert_close(zero(x1, one) - noise, mu1 * (sigma1 * window - mu1 * noise), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction must be one of eps, v"):
+        noise_predictor(network, schedule, "x0")
+
+
 def test_stratified_times_cover_each_stratum_once():
     torch.manual_seed(0)
     t = sample_times(8)
@@ -282,9 +321,27 @@ def test_config_defaults_and_validation():
             config.window_stride, config.preset) == (32, 2e-4, 1.0, 5, 1e-3, 0.999, 1, "small")
     for field, value, message in [("window", 1, "window must be an integer >= 2"), ("eta", 0.0, "eta must be"),
                                   ("ema_decay", 1.0, "ema_decay must be"), ("window_stride", 0, "window_stride"),
-                                  ("preset", "huge", "preset must be"), ("window", 2.5, "window must be")]:
+                                  ("preset", "huge", "preset must be"), ("window", 2.5, "window must be"),
+                                  ("prediction", "x0", "prediction must be 'eps' or 'v'")]:
         with pytest.raises(ValueError, match=message):
             ScoreTrainingConfig(data="data", **{field: value})
+
+
+def test_a_v_network_trains_from_the_cli_and_loads_as_a_noise_prediction(tiny_data, tmp_path):
+    from click.testing import CliRunner
+
+    from emu.cli import main
+    from emu.training.score import VPredictionScore
+
+    result = CliRunner().invoke(main, ["train", "score", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
+                                       "--window", "3", "--prediction", "v", "--out", str(tmp_path / "v"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    predictor, schedule, _, payload = load_score(tmp_path / "v" / "last.pt")
+    assert isinstance(predictor, VPredictionScore) and payload["prediction"] == "v" and not predictor.training
+    x = torch.randn(2, 3, 1, 16, 16)
+    with torch.no_grad():
+        mu, sigma = schedule.coefficients(0.3, x)
+        torch.testing.assert_close(predictor(x, 0.3), sigma * x + mu * predictor.network(x, 0.3))
 
 
 def test_window_longer_than_the_trajectories_is_refused(tiny_data, tmp_path):

@@ -662,12 +662,14 @@ def koopman(data_dir, preset, latent_dim, horizon, stable, reconstruction_weight
               help="Distance between the starts of consecutive training windows.")
 @click.option("--stratified-time/--uniform-time", default=True, show_default=True,
               help="Stratify the diffusion times within each batch (lower-variance loss).")
+@click.option("--prediction", type=click.Choice(["eps", "v"]), default="eps", show_default=True,
+              help="The network predicts the noise (eps) or v = mu eps - sigma x0 (bounded Tweedie error at high noise).")
 @training_options(batch_size=32, lr=2e-4, out="score", max_grad_norm=1.0)
-def score(data_dir, preset, window, eta, ema_decay, window_stride, stratified_time, epochs, batch_size, lr,
-          weight_decay, schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, overwrite,
+def score(data_dir, preset, window, eta, ema_decay, window_stride, stratified_time, prediction, epochs, batch_size,
+          lr, weight_decay, schedule, amp, compile_model, workers, seed, max_grad_norm, device, out, resume, overwrite,
           progress):
     """Train Cohesion's score network: a UNet with a time embedding over windows of W frames
-    (continuous-time VP SDE, cosine schedule, noise prediction).
+    (continuous-time VP SDE, cosine schedule, noise or v prediction).
 
     \b
     python -m emu.cli train score --data data/ --epochs 1 --window 3 --out score/
@@ -676,7 +678,7 @@ def score(data_dir, preset, window, eta, ema_decay, window_stride, stratified_ti
 
     _run_training(train_score, ScoreTrainingConfig, out, resume, overwrite, progress, data=str(data_dir), preset=preset,
                   window=window, eta=eta, ema_decay=ema_decay, window_stride=window_stride,
-                  stratified_time=stratified_time, epochs=epochs, batch_size=batch_size, lr=lr,
+                  stratified_time=stratified_time, prediction=prediction, epochs=epochs, batch_size=batch_size, lr=lr,
                   weight_decay=weight_decay, schedule=schedule, amp=amp, compile=compile_model, seed=seed,
                   num_workers=workers, device=device, max_grad_norm=max_grad_norm)
 
