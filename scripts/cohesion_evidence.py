@@ -7,12 +7,16 @@ scripts/sns_evidence.py the data, reference and models there are reused):
 
   1-3. data, reference, emulator   the Thermalizer script's stages (same presets);
   4. koopman    the coherent prior (`emu train koopman`, stable operator);
-  5. score      the window score network (`emu train score`, W = 5);
-  6. compare    the harness over `--horizon` steps: emulator, Koopman prior alone, Cohesion plan,
-                Cohesion autoregressive, thermalized and SNS rows when thermalizer/last.pt and
+  5. score      the window score network (`emu train score`, W = 5, v-prediction), and score_eps, the
+                same with eps-prediction (an ablation);
+  6. check      each score network's unconditional windows against held-out data (RMS, frame-to-frame
+                difference, power ratio per shell): score_check.json;
+  7. compare    the harness over `--horizon` steps: emulator, Koopman prior alone, Cohesion plan,
+                Cohesion autoregressive, the plan-mode ablations (stride-1 windows, one fixed sigma_y,
+                the eps-prediction score), thermalized and SNS rows when thermalizer/last.pt and
                 sns/last.pt exist in the folder (their rollouts are redone at this horizon in a
                 sub-folder, so a longer comparison beside them is not touched);
-  7. report     results.md / results.json with the forecast-skill table, the plan / autoregressive
+  8. report     results.md / results.json with the forecast-skill table, the plan / autoregressive
                 speed-up and the goals, the harness's figures.
 
     python scripts/cohesion_evidence.py --out evidence/                 # kolmogorov, this CPU
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import thermalizer_evidence as base  # noqa: E402  (the shared stages)
 
 KOOPMAN_SMALL = {"preset": "small", "batch_size": 32, "lr": 1e-3, "horizon": 8, "stable": True}
-SCORE_SMALL = {"preset": "small", "batch_size": 32, "lr": 1e-3, "window": 5, "ema_decay": 0.999}
+SCORE_SMALL = {"preset": "small", "batch_size": 32, "lr": 1e-3, "window": 5, "ema_decay": 0.999, "prediction": "v"}
 
 PRESETS = {
     # 2-core CPU, one thread: a Koopman epoch over all 5-frame windows takes 115-170 s, a score epoch
@@ -43,12 +47,18 @@ PRESETS = {
     # EMA 0.99, not the paper's 0.999: 10 epochs are ~900 optimizer steps, after which a 0.999 average
     # still weighs the random initial weights by 0.4 (measured: validation noise MSE 0.66 with the
     # average vs 0.24 training; every forecast sampled from it was noise, MSE ~130).
+    # v-prediction: with eps-prediction (10 epochs) the unconditional windows had 3x the data's RMS and
+    # 28x its power at k = 1 (the error of the Tweedie estimate is the network's times sigma/mu, 31 at
+    # t = 1); score_eps keeps that model as an ablation.
     "small": {**base.PRESETS["small"], "koopman": {**KOOPMAN_SMALL, "horizon": 4, "epochs": 12},
-              "score": {**SCORE_SMALL, "epochs": 40, "window_stride": 2, "ema_decay": 0.99}, "horizon": 100,
+              "score": {**SCORE_SMALL, "epochs": 40, "window_stride": 2, "ema_decay": 0.99},
+              "score_eps": {**SCORE_SMALL, "epochs": 40, "window_stride": 2, "ema_decay": 0.99, "prediction": "eps"},
+              "horizon": 100,
               "sampler": {"steps": 32, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
                           "operator": "coarsen:4", "window_stride": 3}},
     "smoke": {**base.PRESETS["smoke"], "koopman": {**KOOPMAN_SMALL, "epochs": 1, "batch_size": 4, "horizon": 3},
-              "score": {**SCORE_SMALL, "epochs": 1, "batch_size": 4, "window": 3}, "horizon": 8,
+              "score": {**SCORE_SMALL, "epochs": 1, "batch_size": 4, "window": 3},
+              "score_eps": {**SCORE_SMALL, "epochs": 1, "batch_size": 4, "window": 3, "prediction": "eps"}, "horizon": 8,
               "sampler": {"steps": 4, "corrections": 1, "tau": 0.1, "strength": 1.0, "observation_noise": 0.1,
                           "operator": "coarsen:2", "window_stride": 2}},
 }
@@ -61,19 +71,42 @@ def stage_koopman(settings: dict, data: Path, out: Path, device) -> Path:
     return base._train("koopman", KoopmanTrainingConfig, train_koopman, settings, data, out, device) / "last.pt"
 
 
-def stage_score(settings: dict, data: Path, out: Path, device) -> Path:
+def stage_score(settings: dict, data: Path, out: Path, device, name: str = "score") -> Path:
     from emu.training.score import ScoreTrainingConfig, train_score
 
-    return base._train("score", ScoreTrainingConfig, train_score, settings, data, out, device) / "last.pt"
+    return base._train(name, ScoreTrainingConfig, train_score, settings, data, out, device) / "last.pt"
 
 
-def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, data: Path) -> dict:
+def stage_check(scores: dict, data: Path, out: Path, sampler: dict) -> dict:
+    """Each score network's unconditional windows against the valid split (`unconditional_check`)."""
+    from emu.data.atomic import write_json_atomically
+    from emu.stabilizers.cohesion import unconditional_check
+    from emu.training.score import load_score
+
+    saved = out / "score_check.json"
+    checks = json.loads(saved.read_text()) if saved.is_file() else {}
+    for name, path in scores.items():
+        if name not in checks:
+            network, schedule, normalizer, _ = load_score(path)
+            checks[name] = unconditional_check(network, schedule, normalizer, data, steps=sampler["steps"],
+                                               corrections=sampler["corrections"], tau=sampler["tau"])
+            write_json_atomically(saved, checks)
+        ratio = checks[name]["power_ratio_per_shell"]
+        log(f"{name}: unconditional RMS {checks[name]['sample_rms']:.3g} (data {checks[name]['data_rms']:.3g}), "
+            f"power ratio k=1 {ratio[0]:.3g}, k=4 {ratio[3]:.3g}, k=N/2 {ratio[-1]:.3g}")
+    return checks
+
+
+def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, data: Path,
+                       score_eps: Path | None = None) -> dict:
     """The rows: both Cohesion modes with the prior's error calibrated on the training data's valid
-    split, and two ablations of plan mode: stride-1 windows (SDA's composition, 3x the network calls)
-    and one fixed sigma_y for every frame (no calibration, as before it existed)."""
+    split, and three ablations of plan mode: stride-1 windows (SDA's composition, 3x the network
+    calls), one fixed sigma_y for every frame (no calibration, as before it existed) and the
+    eps-prediction score network."""
     def cohesion(mode, **changes):
         calibrate = changes.pop("calibrate", True)
-        spec = {"koopman": str(koopman), "score": str(score), "mode": mode, "settings": {**sampler, **changes}}
+        network = changes.pop("score", score)
+        spec = {"koopman": str(koopman), "score": str(network), "mode": mode, "settings": {**sampler, **changes}}
         if calibrate:
             spec["calibrate_on"] = str(data)
         return {"forecast": spec}
@@ -86,6 +119,8 @@ def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, dat
         "Cohesion, plan, stride-1 windows": cohesion("plan", window_stride=1),
         "Cohesion, plan, fixed sigma_y": cohesion("plan", calibrate=False),
     }
+    if score_eps is not None:
+        methods["Cohesion, plan, eps-prediction score"] = cohesion("plan", score=score_eps)
     thermalizer, sns = out / "thermalizer" / "last.pt", out / "sns" / "last.pt"
     if thermalizer.is_file():
         from emu.stabilizers.thermalizer import read_levels
@@ -148,12 +183,22 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
         f"{worst(plan):.3g} / {worst(prior):.3g} / {worst(emulator):.3g} (goal: Cohesion <= 1.5 where the prior is not).",
     ]
     for name, what in (("Cohesion, plan, stride-1 windows", "Stride-1 windows (SDA's composition)"),
-                       ("Cohesion, plan, fixed sigma_y", "One fixed sigma_y for every frame (no calibration)")):
+                       ("Cohesion, plan, fixed sigma_y", "One fixed sigma_y for every frame (no calibration)"),
+                       ("Cohesion, plan, eps-prediction score", "The eps-prediction score network")):
         if name in methods:
             entry = methods[name]
             notes += ["", f"{what}: RMSE {summary(entry, 'rmse_mean'):.3g}, SpecDiv "
                           f"{summary(entry, 'spectral_divergence_last_half'):.3g}, worst E(k) factor over the last half "
                           f"{worst(entry):.3g}, {entry['seconds_per_step'] * 1e3:.0f} ms per step."]
+    for name, check in results.get("score_check", {}).items():
+        ratio = check["power_ratio_per_shell"]
+        notes += ["", f"Unconditional windows of `{name}` ({settings[name]['prediction']}-prediction, {check['windows']} "
+                      f"windows, {check['steps']} steps; `score_check.json`): RMS {check['sample_rms']:.3g} against the "
+                      f"data's {check['data_rms']:.3g}, frame-to-frame difference RMS "
+                      f"{check['sample_frame_difference_rms']:.3g} against {check['data_frame_difference_rms']:.3g}, "
+                      f"power over the data's at k = 1, 2, 4, 8, {len(ratio)}: "
+                      + ", ".join(f"{ratio[k - 1]:.3g}" for k in sorted({1, 2, 4, 8, len(ratio)}) if k <= len(ratio))
+                      + "."]
     write_results(results, out, title=f"Cohesion evidence ({settings['system']})", notes=notes)
     plot_results(results, out, system_title=settings["system"])
 
@@ -186,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     emulator = timed("emulator", base.stage_emulator, settings, data, out, args.device)
     koopman = timed("koopman", stage_koopman, settings, data, out, args.device)
     score = timed("score", stage_score, settings, data, out, args.device)
+    score_eps = timed("score_eps", stage_score, settings, data, out, args.device, "score_eps")
+    checks = timed("check", stage_check, {"score": score, "score_eps": score_eps}, data, out, settings["sampler"])
     comparison = out / f"cohesion_h{settings['horizon']}"
-    methods = methods_to_compare(out, koopman, score, settings["sampler"], data)
+    methods = methods_to_compare(out, koopman, score, settings["sampler"], data, score_eps)
     results = timed("compare", compare_stabilizers, emulator, reference, comparison, methods,
                     trajectories=settings["reference_trajectories"], steps=settings["horizon"], device=args.device,
                     progress=base.PROGRESS, echo=log)
     results["stage_seconds"] = clock
+    results["score_check"] = checks
     timed("report", report, results, settings, args.preset, comparison)
     print((comparison / "results.md").read_text())
     return 0

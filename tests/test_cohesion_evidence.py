@@ -24,7 +24,13 @@ def test_cohesion_evidence_smoke_run_and_resume(tmp_path, capsys):
         assert (comparison / name).is_file(), name
     results = json.loads((comparison / "results.json").read_text())
     methods = results["methods"]
-    assert {"emulator", "Koopman prior alone", "Cohesion, plan (R = T)", "Cohesion, autoregressive (R = 1)"} <= set(methods)
+    assert {"emulator", "Koopman prior alone", "Cohesion, plan (R = T)", "Cohesion, autoregressive (R = 1)",
+            "Cohesion, plan, stride-1 windows", "Cohesion, plan, fixed sigma_y",
+            "Cohesion, plan, eps-prediction score"} <= set(methods)
+    checks = json.loads((out / "score_check.json").read_text())
+    assert set(checks) == {"score", "score_eps"} and all(c["sample_rms"] > 0 for c in checks.values())
+    plan_settings = json.loads(json.dumps(methods["Cohesion, plan (R = T)"]["options"]))["forecast"]
+    assert plan_settings["settings"]["window_stride"] == 2 and plan_settings["calibrate_on"].endswith("data")
     for entry in methods.values():
         assert len(entry["trajectories"]) == results["trajectories"]
         assert {"rmse_mean", "ms_ssim_mean", "spectral_divergence_last_half"} <= set(entry["summary"])

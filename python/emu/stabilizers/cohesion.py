@@ -315,6 +315,38 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
     return torch.stack(sequence, dim=1).reshape(members, batch, frames, *prior.shape[2:])
 
 
+def unconditional_check(network, schedule, normalizer, data, *, split: str = "valid", windows: int = 16,
+                        steps: int = 32, corrections: int = 1, tau: float = 0.1, seed: int = 0) -> dict:
+    """How the score network's own distribution compares with held-out data, before any guidance:
+    `windows` unconditional W-frame windows from the predictor-corrector sampler against every
+    W-frame window start 0 of the split's trajectories, normalised units. Returns the RMS of each,
+    the RMS of the frame-to-frame difference of each (temporal coherence), and the ratio of their
+    isotropic power spectra per integer shell (emu.metrics.power_spectrum; 1 is right)."""
+    from emu.data.loaders import Snapshots
+    from emu.metrics import power_spectrum
+
+    frames = Snapshots(data, split, snapshots="all", normalizer=normalizer)
+    count, length = frames.shapes[0][:2]
+    window = network.window
+    if length < window:
+        raise ValueError(f"{data}: the {split} trajectories hold {length} snapshots, fewer than the window {window}")
+    truth = torch.stack([frames._read(0, t, slice(0, window)) for t in range(count)])
+    sampler = PredictorCorrectorSampler(schedule, steps=steps, corrections=corrections, tau=tau)
+    with torch.no_grad():
+        samples = sampler.sample(lambda x, t: network(x, t), (windows, *truth.shape[1:]),
+                                 torch.Generator().manual_seed(seed))
+
+    def rms(x):
+        return float(x.double().square().mean().sqrt())
+
+    ratio = power_spectrum(samples.flatten(0, 1).numpy()).mean(0) / power_spectrum(truth.flatten(0, 1).numpy()).mean(0)
+    return {"windows": windows, "steps": steps, "corrections": corrections, "tau": tau, "split": split,
+            "sample_rms": rms(samples), "data_rms": rms(truth),
+            "sample_frame_difference_rms": rms(samples[:, 1:] - samples[:, :-1]),
+            "data_frame_difference_rms": rms(truth[:, 1:] - truth[:, :-1]),
+            "power_ratio_per_shell": [float(v) for v in ratio]}
+
+
 def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionSettings) -> int:
     """Score-network evaluations of one W-frame window, per forecast trajectory and member: plan mode
     scores its strided windows once per sampler evaluation, autoregressive mode one window per frame."""
@@ -458,4 +490,5 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
 
 
 __all__ = ["MODES", "CohesionSettings", "InitialAndPrior", "autoregressive", "calibrate_prior_error",
-           "calibration_operator", "forecast", "forecast_to_file", "parse_operator", "plan", "window_evaluations"]
+           "calibration_operator", "forecast", "forecast_to_file", "parse_operator", "plan", "unconditional_check",
+           "window_evaluations"]
