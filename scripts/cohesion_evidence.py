@@ -49,7 +49,8 @@ PRESETS = {
     # average vs 0.24 training; every forecast sampled from it was noise, MSE ~130).
     # v-prediction: with eps-prediction (10 epochs) the unconditional windows had 3x the data's RMS and
     # 28x its power at k = 1 (the error of the Tweedie estimate is the network's times sigma/mu, 31 at
-    # t = 1); score_eps keeps that model as an ablation.
+    # t = 1), a v network was right within 0.43-1.4x after 5 epochs; score_eps, the same training with
+    # eps, is the ablation (after 40 epochs it is about as close: score_check.json).
     "small": {**base.PRESETS["small"], "koopman": {**KOOPMAN_SMALL, "horizon": 4, "epochs": 12},
               "score": {**SCORE_SMALL, "epochs": 40, "window_stride": 2, "ema_decay": 0.99},
               "score_eps": {**SCORE_SMALL, "epochs": 40, "window_stride": 2, "ema_decay": 0.99, "prediction": "eps"},
@@ -77,7 +78,7 @@ def stage_score(settings: dict, data: Path, out: Path, device, name: str = "scor
     return base._train(name, ScoreTrainingConfig, train_score, settings, data, out, device) / "last.pt"
 
 
-def stage_check(scores: dict, data: Path, out: Path, sampler: dict) -> dict:
+def stage_check(scores: dict, data: Path, out: Path, sampler: dict, grid: int) -> dict:
     """Each score network's unconditional windows against the valid split (`unconditional_check`)."""
     from emu.data.atomic import write_json_atomically
     from emu.stabilizers.cohesion import unconditional_check
@@ -91,10 +92,38 @@ def stage_check(scores: dict, data: Path, out: Path, sampler: dict) -> dict:
             checks[name] = unconditional_check(network, schedule, normalizer, data, steps=sampler["steps"],
                                                corrections=sampler["corrections"], tau=sampler["tau"])
             write_json_atomically(saved, checks)
+        if "composed_sequences" not in checks[name]:
+            checks[name]["composed_sequences"] = composed_sequence_rms(path, sampler, grid)
+            write_json_atomically(saved, checks)
         ratio = checks[name]["power_ratio_per_shell"]
+        log(f"{name}: composed unconditional sequences, RMS by length: "
+            + ", ".join(f"{row['frames']} frames {row['rms']:.3g}" for row in checks[name]["composed_sequences"]))
         log(f"{name}: unconditional RMS {checks[name]['sample_rms']:.3g} (data {checks[name]['data_rms']:.3g}), "
             f"power ratio k=1 {ratio[0]:.3g}, k=4 {ratio[3]:.3g}, k=N/2 {ratio[-1]:.3g}")
     return checks
+
+
+def composed_sequence_rms(score: Path, sampler: dict, grid: int, lengths=(5, 9, 17, 41), sequences: int = 8) -> list[dict]:
+    """RMS (normalised units) of unconditional sequences of each length sampled with the composed
+    window score (strength 0, stride-1 windows): a single window for W frames, and how much energy the
+    composition loses the longer the sequence is (tests/test_vp_sampler.py has the Gaussian twin)."""
+    import torch
+
+    from emu.diffusion import PredictorCorrectorSampler, compose_window_scores
+    from emu.training.score import load_score
+
+    network, schedule, _, _ = load_score(score)
+    run = PredictorCorrectorSampler(schedule, steps=sampler["steps"], corrections=sampler["corrections"],
+                                    tau=sampler["tau"])
+    rows = []
+    for frames in lengths:
+        if frames < network.window:
+            continue
+        with torch.no_grad():
+            samples = run.sample(lambda x, t: compose_window_scores(network, x, t, network.window),
+                                 (sequences, frames, network.channels, grid, grid), torch.Generator().manual_seed(0))
+        rows.append({"frames": frames, "rms": float(samples.double().square().mean().sqrt())})
+    return rows
 
 
 def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, data: Path,
@@ -121,6 +150,10 @@ def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, dat
     }
     if score_eps is not None:
         methods["Cohesion, plan, eps-prediction score"] = cohesion("plan", score=score_eps)
+    # Cost against quality: both modes again at half the sampler steps.
+    half = max(1, sampler["steps"] // 2)
+    methods[f"Cohesion, plan, {half} sampler steps"] = cohesion("plan", steps=half)
+    methods[f"Cohesion, autoregressive, {half} sampler steps"] = cohesion("autoregressive", steps=half)
     thermalizer, sns = out / "thermalizer" / "last.pt", out / "sns" / "last.pt"
     if thermalizer.is_file():
         from emu.stabilizers.thermalizer import read_levels
@@ -182,9 +215,12 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
         f"{summary(emulator, 'spectral_divergence_last_half'):.3g}; worst E(k) factor over the last half "
         f"{worst(plan):.3g} / {worst(prior):.3g} / {worst(emulator):.3g} (goal: Cohesion <= 1.5 where the prior is not).",
     ]
+    half = max(1, settings["sampler"]["steps"] // 2)
     for name, what in (("Cohesion, plan, stride-1 windows", "Stride-1 windows (SDA's composition)"),
                        ("Cohesion, plan, fixed sigma_y", "One fixed sigma_y for every frame (no calibration)"),
-                       ("Cohesion, plan, eps-prediction score", "The eps-prediction score network")):
+                       ("Cohesion, plan, eps-prediction score", "The eps-prediction score network"),
+                       (f"Cohesion, plan, {half} sampler steps", f"Plan mode with {half} sampler steps"),
+                       (f"Cohesion, autoregressive, {half} sampler steps", f"Autoregressive mode with {half} sampler steps")):
         if name in methods:
             entry = methods[name]
             notes += ["", f"{what}: RMSE {summary(entry, 'rmse_mean'):.3g}, SpecDiv "
@@ -198,6 +234,8 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
                       f"{check['sample_frame_difference_rms']:.3g} against {check['data_frame_difference_rms']:.3g}, "
                       f"power over the data's at k = 1, 2, 4, 8, {len(ratio)}: "
                       + ", ".join(f"{ratio[k - 1]:.3g}" for k in sorted({1, 2, 4, 8, len(ratio)}) if k <= len(ratio))
+                      + ". Composed unconditional sequences (strength 0), RMS by length: "
+                      + ", ".join(f"{row['frames']} frames {row['rms']:.3g}" for row in check.get("composed_sequences", []))
                       + "."]
     write_results(results, out, title=f"Cohesion evidence ({settings['system']})", notes=notes)
     plot_results(results, out, system_title=settings["system"])
@@ -232,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     koopman = timed("koopman", stage_koopman, settings, data, out, args.device)
     score = timed("score", stage_score, settings, data, out, args.device)
     score_eps = timed("score_eps", stage_score, settings, data, out, args.device, "score_eps")
-    checks = timed("check", stage_check, {"score": score, "score_eps": score_eps}, data, out, settings["sampler"])
+    checks = timed("check", stage_check, {"score": score, "score_eps": score_eps}, data, out, settings["sampler"],
+                   settings["grid"])
     comparison = out / f"cohesion_h{settings['horizon']}"
     methods = methods_to_compare(out, koopman, score, settings["sampler"], data, score_eps)
     results = timed("compare", compare_stabilizers, emulator, reference, comparison, methods,

@@ -33,10 +33,11 @@ Continuous time (Cohesion, on top of score-based data assimilation, SDA), t in [
     predictor         x_t' = mu(t') x0_hat + sigma(t') eps_hat, x0_hat = (x_t - sigma eps_hat)/mu   (DDIM /
                       exponential integrator)                                               (sampler.py)
     corrector         x <- x + delta s + sqrt(2 delta) z, s = -eps_hat/sigma, delta = tau / mean(s^2)
-    windows           frame i scored in the window of W frames starting at max(0, min(i - W//2, T - W))
-                                                                                            (windows.py)
-    guidance          eps_hat - strength sigma grad_x [-1/2 ||y - A(x0_hat)||^2 / (sigma_y^2 + gamma (sigma/mu)^2)]
-                                                                                            (guidance.py)
+    windows           frame i scored in the window of W frames starting at max(0, min(i - W//2, T - W));
+                      stride s: windows at 0, s, 2s, .. (and T - W), each frame from the one it is
+                      most central in                                                       (windows.py)
+    guidance          eps_hat - strength sigma grad_x [-1/2 ||y - A(x0_hat)||^2 / (sigma_y^2 + gamma (sigma/mu)^2)],
+                      sigma_y a number or one per observed entry                            (guidance.py)
 
 DDPM levels are per sample (an int64 tensor of shape (batch,)), as the Thermalizer needs: each sample is
 re-noised to, and descends from, its own estimated level. Level sampling and level targets for
