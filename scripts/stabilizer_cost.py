@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prior_model, _, _ = load_koopman(koopman)
         network, schedule, _, _ = load_score(score)
-        settings = CohesionSettings(steps=args.sampler_steps, corrections=1, tau=0.1)
+        settings = CohesionSettings(steps=args.sampler_steps, corrections=1, tau=0.1, window_stride=1)
         strided = CohesionSettings(steps=args.sampler_steps, corrections=1, tau=0.1, window_stride=args.window_stride)
         for name, mode, chosen in (("Cohesion plan", "plan", settings), ("Cohesion autoregressive", "autoregressive", settings),
                                    (f"Cohesion plan, window stride {args.window_stride}", "plan", strided)):

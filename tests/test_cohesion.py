@@ -204,6 +204,9 @@ def test_strided_plan_windows_cut_the_network_calls_by_the_stride():
         assert network.windows == window_evaluations("plan", horizon, 3, settings)
     # 13 frames, W = 3: 11 windows of stride 1; starts 0, 3, 6, 9 and 10 for stride 3
     assert counted == {1: 11 * 5, 3: 5 * 5}
+    # the default stride is W - 2: 1 for W = 3, 3 for W = 5
+    assert CohesionSettings().stride_for(3) == 1 and CohesionSettings().stride_for(5) == 3
+    assert CohesionSettings().stride_for(2) == 1 and CohesionSettings(window_stride=2).stride_for(5) == 2
     assert window_evaluations("autoregressive", horizon, 3, CohesionSettings(steps=3)) == 12 * 5
 
 

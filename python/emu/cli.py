@@ -843,9 +843,10 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
                    "lead k measured on the valid split of --calibration-data; none: sigma_y for every frame.")
 @click.option("--calibration-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Dataset folder whose valid trajectories calibrate the prior's error. [default: --init]")
-@click.option("--window-stride", type=int, default=1, show_default=True,
-              help="Plan mode: score windows every S frames (1 <= S <= W; S = 3 with W = 5 needs a third of the "
-                   "network calls and is exact at t = 0 for first-order dynamics).")
+@click.option("--window-stride", type=int, default=None,
+              help="Plan mode: score windows every S frames (1 <= S <= W; S = 1 is SDA's composition). "
+                   "[default: W - 2, at least 1: exact at t = 0 for first-order dynamics; 3 for W = 5, a third of the "
+                   "network calls]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default="forecast.h5", show_default=True)

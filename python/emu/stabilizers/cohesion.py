@@ -93,7 +93,9 @@ class CohesionSettings:
             S-th frame of the prior observed in full, the others not at all).
         through_network: differentiate the likelihood through the network (SDA's default) or not.
         max_windows: at most this many windows per network call (memory; None: all at once).
-        window_stride: plan mode's window spacing s, 1 <= s <= W (`emu.diffusion.compose_window_scores`).
+        window_stride: plan mode's window spacing s, 1 <= s <= W (`emu.diffusion.compose_window_scores`);
+            None: W - 2 (at least 1), the largest stride still exact at t = 0 for first-order dynamics
+            (3 for W = 5: a third of the network calls, measured at the same quality as stride 1).
     """
 
     steps: int = 64
@@ -106,7 +108,7 @@ class CohesionSettings:
     through_network: bool = True
     max_windows: int | None = None
     prior_error: tuple[float, ...] | None = None
-    window_stride: int = 1
+    window_stride: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -122,8 +124,9 @@ class CohesionSettings:
             (self.prior_error is None or (len(self.prior_error) >= 1 and all(
                 isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in self.prior_error)),
              "prior_error", "None or a non-empty sequence of finite numbers >= 0", self.prior_error),
-            (isinstance(self.window_stride, int) and not isinstance(self.window_stride, bool) and self.window_stride >= 1,
-             "window_stride", "an integer >= 1 (and <= the score window)", self.window_stride),
+            (self.window_stride is None or (isinstance(self.window_stride, int) and not isinstance(self.window_stride, bool)
+                                            and self.window_stride >= 1),
+             "window_stride", "None or an integer >= 1 (and <= the score window)", self.window_stride),
         ]
         for ok, name, allowed, value in checks:
             if not ok:
@@ -131,6 +134,13 @@ class CohesionSettings:
         parse_operator(self.operator)
         if self.prior_error is not None:
             object.__setattr__(self, "prior_error", tuple(float(e) for e in self.prior_error))
+
+    def stride_for(self, window: int) -> int:
+        """Plan mode's window stride for a score network of `window` frames (checked against it)."""
+        stride = max(1, window - 2) if self.window_stride is None else self.window_stride
+        if stride > window:
+            raise ValueError(f"window_stride must be in [1, {window}] (the score network's window), got {stride}")
+        return stride
 
     def frame_noise(self, leads: torch.Tensor) -> torch.Tensor:
         """sigma_y,k of the prior's frames at leads k (int64): sqrt(sigma_y^2 + e_k^2), float64."""
@@ -262,12 +272,11 @@ def plan(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings
     window = network.window
     if frames < window:
         raise ValueError(f"the horizon + 1 = {frames} frames must be at least the score network's window {window}")
-    if settings.window_stride > window:
-        raise ValueError(f"window_stride must be in [1, {window}] (the score network's window), got {settings.window_stride}")
+    stride = settings.stride_for(window)
     operator = InitialAndPrior(parse_operator(settings.operator)(frames - 1))
     observed = operator(torch.cat([initial[:, None], prior[:, 1:]], dim=1))
     eps = guided_eps_fn(lambda x, t: compose_window_scores(_window_eps(network), x, t, window,
-                                                           stride=settings.window_stride,
+                                                           stride=stride,
                                                            max_windows=settings.max_windows),
                         schedule, observed, operator, strength=settings.strength,
                         observation_noise=_observation_noise(settings, operator, prior, 1),
@@ -355,7 +364,7 @@ def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionS
     if mode == "plan":
         from emu.diffusion import strided_starts
 
-        windows = strided_starts(horizon + 1, window, min(settings.window_stride, window)).numel()
+        windows = strided_starts(horizon + 1, window, settings.stride_for(window)).numel()
     else:
         windows = horizon
     return windows * settings.network_evaluations_per_window
@@ -422,8 +431,11 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
                              "statistics: train both on the same dataset")
         network.to(device)
     koopman.to(device)
+    from dataclasses import replace
+
+    if mode == "plan":  # the stride used, in the file's settings
+        settings = replace(settings, window_stride=settings.stride_for(network.window))
     if calibrate_on is not None and mode != "prior":
-        from dataclasses import replace
 
         if not split_files(calibrate_on, "valid"):
             raise UserError(f"--calibration-data {calibrate_on}: no valid trajectories (data/valid/ is empty) to "
