@@ -5,7 +5,7 @@
     python scripts/gpu_check.py --out gpu_check_report --budget 300 --phases tests,solvers
     python scripts/gpu_check.py --dry-run --out /tmp/plan         # no GPU needed: the plan, and its plumbing
 
-On a machine with an NVIDIA GPU, torch built for CUDA and CuPy, three phases run, each in its own
+On a machine with an NVIDIA GPU, torch built for CUDA and CuPy, four phases run, each in its own
 process, killed (with everything it started) when its time is up:
 
   tests    pytest on the GPU tests: every test marked `gpu`, or skipped with a reason that says it
@@ -16,9 +16,13 @@ process, killed (with everything it started) when its time is up:
            64/256/1024 float32 by default.
   solvers  the solvers' cupy backend (fused kernels) against torch-CUDA (scripts/bench_gpu_solvers.py):
            Kolmogorov and QG, 64^2..512^2, batches 1/8/64, float32 by default.
+  cohesion Cohesion's plan mode (stride-1 and stride-3 windows) against its autoregressive mode on the
+           same horizon and members (emu.stabilizers.cohesion.forecast; the small networks with their
+           initial weights, whose cost is that of trained ones): seconds per forecast and the speed-ups,
+           the issue's goal being >= 10x; 8 trajectories x 100 frames at 64^2, 32 sampler steps.
 
 A total budget (--budget, default 480 s) caps the whole run: each phase gets the smaller of its own
-budget (tests 150 s, ddpm 120 s, solvers 150 s by default) and what is left; a phase that would
+budget (tests 150 s, ddpm 120 s, solvers 120 s, cohesion 60 s by default) and what is left; a phase that would
 start with less than 20 s left is skipped with a note; the solver and DDPM phases stop starting new
 measurements before their time is up, so what they measured is kept. --out DIR receives report.md,
 report.json (rewritten atomically, temp + rename, after every phase) and one log per phase.
@@ -72,10 +76,11 @@ TESTS = REPO / "tests"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
 DEFAULT_BUDGET = 480.0
-PHASES = ("tests", "ddpm", "solvers")
+PHASES = ("tests", "ddpm", "solvers", "cohesion")
 PHASE_TITLES = {"tests": "GPU tests", "ddpm": "DDPM step: fused vs eager vs torch.compile",
-                "solvers": "Solvers: cupy (fused) vs torch-CUDA"}
-PHASE_BUDGETS = {"tests": 150.0, "ddpm": 120.0, "solvers": 150.0}  # 420 s: 60 s of the 480 in hand
+                "solvers": "Solvers: cupy (fused) vs torch-CUDA",
+                "cohesion": "Cohesion: plan (R = T) vs autoregressive (R = 1)"}
+PHASE_BUDGETS = {"tests": 150.0, "ddpm": 120.0, "solvers": 120.0, "cohesion": 60.0}  # 450 s: 30 s of the 480 in hand
 MIN_PHASE_SECONDS = 20.0  # a phase is not started with less time than this left
 EXIT_MARGIN = 8.0  # seconds a phase process keeps in hand to write its results and exit
 RESULTS_ENV = "GPU_CHECK_RESULTS"  # set for the pytest process: gpu_check is then its plugin
@@ -587,7 +592,7 @@ def benchmark_phase(name: str, limit: float, *, options: list[str], work: Path, 
         result["notes"].append(f"the phase process exited {code}; log tail: " + " / ".join(log_tail(log_path, 8)))
     else:
         status = written.get("status", "passed")
-    summary = {"ddpm": summarize_ddpm, "solvers": summarize_solvers}[name](result["rows"])
+    summary = {"ddpm": summarize_ddpm, "solvers": summarize_solvers, "cohesion": summarize_cohesion}[name](result["rows"])
     broken = summary.pop("broken")  # the GPU side (fused kernel, cupy backend) could not run
     result.update(summary)
     result["status"] = "failed" if broken and status in ("passed", "partial") else status
@@ -632,6 +637,67 @@ def summarize_solvers(rows: list[dict]) -> dict:
     if goal is not None:
         line += f"; goal (cupy >= torch-CUDA at 512^2) {'met' if goal else 'not met'}"
     return {"summary": line, "goal_met": goal, "broken": broken}
+
+
+def summarize_cohesion(rows: list[dict]) -> dict:
+    """One line and the issue's goal (plan >= 10x autoregressive on the same horizon and members)."""
+    seconds = {row["mode"]: row["seconds"] for row in rows if "seconds" in row}
+    broken = any("error" in row for row in rows)
+    if "autoregressive" not in seconds or not any(mode.startswith("plan") for mode in seconds):
+        return {"summary": f"{len(rows)} rows, no plan/autoregressive pair", "broken": broken or not rows}
+    speedups = {mode: seconds["autoregressive"] / value for mode, value in seconds.items() if mode != "autoregressive"}
+    best = max(speedups.values())
+    line = ", ".join(f"{mode} {value:.2f}x" for mode, value in speedups.items())
+    line += f" autoregressive's speed; goal (>= 10x) {'met' if best >= 10 else 'not met'}"
+    return {"summary": line, "goal_met": best >= 10, "speedups": speedups, "broken": broken}
+
+
+def cohesion_child(args, seconds: float, out: Path) -> int:
+    """--phase cohesion: one warm-up, then plan (stride 1, stride 3) and autoregressive forecasts timed
+    once each (the device synchronised), the rows written after each."""
+    import torch
+
+    from emu.diffusion import VPSchedule
+    from emu.models.koopman import make_koopman
+    from emu.models.score import make_score_network
+    from emu.stabilizers.cohesion import CohesionSettings, forecast
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    grid, horizon, batch = args.cohesion_grid, args.cohesion_horizon, 8
+    koopman = make_koopman("small", 1, grid).to(device).eval()
+    network = make_score_network("small", 1, window=5).to(device).eval()
+    schedule = VPSchedule()
+    initial = torch.randn(batch, 1, grid, grid, device=device)
+    base = dict(steps=args.cohesion_steps, corrections=1, tau=0.1)
+    runs = [("plan, stride 1", "plan", 1), ("plan, stride 3", "plan", 3), ("autoregressive", "autoregressive", None)]
+
+    def timed(mode, stride, frames):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        forecast(koopman, network, schedule, initial, frames, mode=mode,
+                 settings=CohesionSettings(**base, window_stride=stride), generator=torch.Generator(device).manual_seed(0))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    rows, notes, started = [], [], time.monotonic()
+    extra = {"grid": grid, "horizon": horizon, "trajectories": batch, "sampler_steps": args.cohesion_steps}
+    for label, mode, stride in runs:
+        timed(mode, stride, 5)  # warm-up: kernels, allocator
+    for label, mode, stride in runs:
+        if rows and time.monotonic() - started > seconds * 0.8:
+            notes.append(f"time: {seconds:.0f} s ran out before {label}")
+            break
+        try:
+            rows.append({"mode": label, "seconds": timed(mode, stride, horizon)})
+        except Exception as error:  # out of memory and the like: the row says so
+            rows.append({"mode": label, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+        print(rows[-1], flush=True)
+        _write_phase(out, rows, notes, "running", extra)
+    _write_phase(out, rows, notes, "passed" if len(rows) == len(runs) else "partial", extra)
+    return 0
 
 
 def ddpm_child(args, seconds: float, out: Path) -> int:
@@ -825,15 +891,28 @@ def _solvers_section(phase: dict) -> list[str]:
     return lines
 
 
+def _cohesion_section(phase: dict) -> list[str]:
+    lines = _generic_section(phase)
+    rows = phase.get("rows") or []
+    if rows:
+        lines += ["", f"{phase.get('trajectories', '?')} trajectories x {phase.get('horizon', '?')} frames at "
+                      f"{phase.get('grid', '?')}^2, {phase.get('sampler_steps', '?')} sampler steps, one run each:", "",
+                  "| mode | seconds |", "|---|---|"]
+        lines += [f"| {row['mode']} | {row['seconds']:.3f} |" if "seconds" in row else f"| {row['mode']} | {_cell(row.get('error'))} |"
+                  for row in rows]
+    return lines
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {"tests": _tests_section, "ddpm": _ddpm_section,
-                                                     "solvers": _solvers_section}
+                                                     "solvers": _solvers_section, "cohesion": _cohesion_section}
 
 
 # -- the command ---------------------------------------------------------------------------------------
 
 def make_phases(names: list[str], args, *, work: Path, out: Path, env: dict) -> list[Phase]:
     """The real phases, in order, each with its own budget."""
-    budgets = {"tests": args.tests_budget, "ddpm": args.ddpm_budget, "solvers": args.solvers_budget}
+    budgets = {"tests": args.tests_budget, "ddpm": args.ddpm_budget, "solvers": args.solvers_budget,
+               "cohesion": args.cohesion_budget}
     common = ["--seconds", f"{args.seconds:g}", "--device", args.device]
     ddpm = common + ["--ddpm-dtype", args.ddpm_dtype]
     ddpm += ["--ddpm-batches", args.ddpm_batches] if args.ddpm_batches else []
@@ -842,7 +921,9 @@ def make_phases(names: list[str], args, *, work: Path, out: Path, env: dict) -> 
     solvers = common + ["--solver-systems", args.solver_systems, "--solver-grids", args.solver_grids,
                         "--solver-batches", args.solver_batches, "--solver-dtypes", args.solver_dtypes]
     solvers += ["--solver-generic"] if args.solver_generic else []
-    options = {"ddpm": ddpm, "solvers": solvers}
+    cohesion = ["--device", args.device, "--cohesion-grid", str(args.cohesion_grid), "--cohesion-horizon",
+                str(args.cohesion_horizon), "--cohesion-steps", str(args.cohesion_steps)]
+    options = {"ddpm": ddpm, "solvers": solvers, "cohesion": cohesion}
     paths = [Path(path).resolve() for path in args.test_paths] if args.test_paths else gpu_test_files()
     phases = []
     for name in names:
@@ -864,11 +945,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("gpu_check_report"),
                    help="folder for report.md, report.json and the phase logs (default: gpu_check_report)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for the whole check (default 480)")
-    p.add_argument("--phases", default=",".join(PHASES), help="which phases, in order (default tests,ddpm,solvers)")
+    p.add_argument("--phases", default=",".join(PHASES), help="which phases, in order (default tests,ddpm,solvers,cohesion)")
     p.add_argument("--tests-budget", type=float, default=PHASE_BUDGETS["tests"],
                    help="seconds at most for the tests (default 150)")
     p.add_argument("--ddpm-budget", type=float, default=PHASE_BUDGETS["ddpm"], help="(default 120)")
-    p.add_argument("--solvers-budget", type=float, default=PHASE_BUDGETS["solvers"], help="(default 150)")
+    p.add_argument("--solvers-budget", type=float, default=PHASE_BUDGETS["solvers"], help="(default 120)")
+    p.add_argument("--cohesion-budget", type=float, default=PHASE_BUDGETS["cohesion"], help="(default 60)")
+    p.add_argument("--cohesion-grid", type=int, default=64, help="Cohesion phase: points per side (default 64)")
+    p.add_argument("--cohesion-horizon", type=int, default=100, help="Cohesion phase: frames (default 100)")
+    p.add_argument("--cohesion-steps", type=int, default=32, help="Cohesion phase: sampler steps (default 32)")
     p.add_argument("--seconds", type=float, default=0.5, help="wall time per benchmark measurement (default 0.5)")
     p.add_argument("--device", default="cuda", help="torch device of the benchmarks (default cuda)")
     p.add_argument("--ddpm-batches", default=None, help="comma-separated (default emu.bench_ddpm's: 64,256,1024)")
@@ -886,7 +971,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU needed: collect the GPU tests and write the report of what would run")
     # internal: one benchmark phase in this process (run_phases starts these)
-    p.add_argument("--phase", choices=("ddpm", "solvers"), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("ddpm", "solvers", "cohesion"), help=argparse.SUPPRESS)
     p.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--phase-seconds", type=float, help=argparse.SUPPRESS)
     return p
@@ -899,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:  # a phase process
         if str(SCRIPTS) not in sys.path:
             sys.path.insert(0, str(SCRIPTS))
-        child = {"ddpm": ddpm_child, "solvers": solvers_child}[args.phase]
+        child = {"ddpm": ddpm_child, "solvers": solvers_child, "cohesion": cohesion_child}[args.phase]
         return child(args, args.phase_seconds or 60.0, args.phase_out)
     names = _names(args.phases)
     if not names or any(name not in PHASES for name in names):
@@ -911,6 +996,9 @@ def main(argv: list[str] | None = None) -> int:
             values = []
         if not values or min(values) < 1:
             p.error(f"--{option.replace('_', '-')} takes comma-separated positive integers")
+    if args.cohesion_grid < 8 or args.cohesion_grid % 8 or args.cohesion_horizon < 4 or args.cohesion_steps < 1:
+        p.error("--cohesion-grid must be a multiple of 8, --cohesion-horizon >= 4 (the window of 5 frames) and "
+                "--cohesion-steps >= 1")
     if args.budget <= 0 or args.seconds <= 0:
         p.error("--budget and --seconds must be positive")
     if not _names(args.solver_dtypes) or set(_names(args.solver_dtypes)) - {"float32", "float64"}:

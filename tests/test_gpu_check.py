@@ -89,7 +89,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
 
 def test_bad_arguments_exit_2_naming_the_option():
     result = _run("--phases", "tests,benchmarks")
-    assert result.returncode == 2 and "--phases" in result.stderr and "tests,ddpm,solvers" in result.stderr
+    assert result.returncode == 2 and "--phases" in result.stderr and "tests,ddpm,solvers,cohesion" in result.stderr
     result = _run("--solver-batches", "1,x")
     assert result.returncode == 2 and "--solver-batches" in result.stderr
 
@@ -251,6 +251,33 @@ def test_ddpm_phase_runs_emus_benchmark_in_its_own_process_and_fails_without_the
     assert "emu bench --ddpm: DDPM reverse step, 8^2" in log.read_text()
 
 
+def test_cohesion_phase_times_both_modes_in_its_own_process(gpu_check, tmp_path):
+    options = ["--device", "cpu", "--cohesion-grid", "16", "--cohesion-horizon", "6", "--cohesion-steps", "2"]
+    log = tmp_path / "cohesion.log"
+    result = gpu_check.benchmark_phase("cohesion", 120, options=options, work=tmp_path, log_path=log,
+                                       env={**gpu_check.phase_environment([]), "OMP_NUM_THREADS": "1"})
+    assert result["exit_code"] == 0 and result["status"] == "passed", result
+    assert [row["mode"] for row in result["rows"]] == ["plan, stride 1", "plan, stride 3", "autoregressive"]
+    assert all(row["seconds"] > 0 for row in result["rows"])
+    assert set(result["speedups"]) == {"plan, stride 1", "plan, stride 3"} and "goal (>= 10x)" in result["summary"]
+    assert result["horizon"] == 6 and result["grid"] == 16
+    lines = gpu_check._cohesion_section({"status": "passed", "wall_s": 1.0, "limit_s": 60.0, **result})
+    assert any(line.startswith("| plan, stride 3 | ") for line in lines)
+
+
+def test_cohesion_summary_reads_the_goal_from_the_timings(gpu_check):
+    rows = [{"mode": "plan, stride 1", "seconds": 2.0}, {"mode": "plan, stride 3", "seconds": 0.8},
+            {"mode": "autoregressive", "seconds": 10.0}]
+    summary = gpu_check.summarize_cohesion(rows)
+    assert summary["speedups"] == {"plan, stride 1": 5.0, "plan, stride 3": 12.5} and summary["goal_met"] is True
+    assert summary["summary"] == "plan, stride 1 5.00x, plan, stride 3 12.50x autoregressive's speed; goal (>= 10x) met"
+    rows[1]["seconds"] = 1.25
+    assert gpu_check.summarize_cohesion(rows)["goal_met"] is False
+    assert gpu_check.summarize_cohesion(rows[:2])["broken"] is False and "no plan/autoregressive pair" in \
+        gpu_check.summarize_cohesion(rows[:2])["summary"]
+    assert gpu_check.summarize_cohesion([{"mode": "autoregressive", "error": "OutOfMemoryError"}])["broken"] is True
+
+
 def test_ddpm_summary_reads_the_goal_from_the_fused_rows(gpu_check):
     def row(step, batch, gpu_us, fraction, speedup):
         return {"step": step, "batch": batch, "grid": 64, "gpu_microseconds": gpu_us, "fraction_of_copy": fraction,
@@ -401,9 +428,10 @@ def test_dry_run_writes_the_plan_without_a_gpu(tmp_path):
     assert last.startswith("gpu_check: dry-run in ") and last.endswith(f" s; report: {out / 'report.md'}")
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "dry-run" and report["exit_code"] == 0 and report["budget_s"] == 100
-    assert [phase["name"] for phase in report["phases"]] == ["tests", "ddpm", "solvers"]
+    assert [phase["name"] for phase in report["phases"]] == ["tests", "ddpm", "solvers", "cohesion"]
     assert all(phase["status"] == "dry-run" for phase in report["phases"])
-    tests, ddpm, solvers = report["phases"]
+    tests, ddpm, solvers, cohesion = report["phases"]
+    assert "--cohesion-horizon" in cohesion["command"] and "100" in cohesion["command"]
     assert tests["selected"] >= 20 and tests["deselected"] >= 1 and "tests/test_kernels_gpu.py" in tests["files"]
     assert tests["limit_s"] <= 100 and all(phase["wall_s"] >= 0 for phase in report["phases"])
     assert "--solver-grids" in solvers["command"] and "64,128,256,512" in solvers["command"]
