@@ -127,7 +127,7 @@ def composed_sequence_rms(score: Path, sampler: dict, grid: int, lengths=(5, 9, 
 
 
 def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, data: Path,
-                       score_eps: Path | None = None) -> dict:
+                       score_eps: Path | None = None, window: int = 5) -> dict:
     """The rows: both Cohesion modes with the prior's error calibrated on the training data's valid
     split, and three ablations of plan mode: stride-1 windows (SDA's composition, 3x the network
     calls), one fixed sigma_y for every frame (no calibration, as before it existed) and the
@@ -150,6 +150,8 @@ def methods_to_compare(out: Path, koopman: Path, score: Path, sampler: dict, dat
     }
     if score_eps is not None:
         methods["Cohesion, plan, eps-prediction score"] = cohesion("plan", score=score_eps)
+    # Between the two: R = W - 1 frames per sampler run, one window each (no composition).
+    methods[f"Cohesion, autoregressive, R = {window - 1}"] = cohesion("autoregressive", frames_per_run=window - 1)
     # Cost against quality: both modes again at half the sampler steps.
     half = max(1, sampler["steps"] // 2)
     methods[f"Cohesion, plan, {half} sampler steps"] = cohesion("plan", steps=half)
@@ -216,9 +218,12 @@ def report(results: dict, settings: dict, preset: str, out: Path) -> None:
         f"{worst(plan):.3g} / {worst(prior):.3g} / {worst(emulator):.3g} (goal: Cohesion <= 1.5 where the prior is not).",
     ]
     half = max(1, settings["sampler"]["steps"] // 2)
+    run = settings["score"]["window"] - 1
     for name, what in (("Cohesion, plan, stride-1 windows", "Stride-1 windows (SDA's composition)"),
                        ("Cohesion, plan, fixed sigma_y", "One fixed sigma_y for every frame (no calibration)"),
                        ("Cohesion, plan, eps-prediction score", "The eps-prediction score network"),
+                       (f"Cohesion, autoregressive, R = {run}", f"Autoregressive mode generating R = {run} frames "
+                        f"per sampler run ({autoregressive['seconds_per_step'] / methods.get(f'Cohesion, autoregressive, R = {run}', autoregressive)['seconds_per_step']:.2f}x R = 1's speed)"),
                        (f"Cohesion, plan, {half} sampler steps", f"Plan mode with {half} sampler steps"),
                        (f"Cohesion, autoregressive, {half} sampler steps", f"Autoregressive mode with {half} sampler steps")):
         if name in methods:
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = timed("check", stage_check, {"score": score, "score_eps": score_eps}, data, out, settings["sampler"],
                    settings["grid"])
     comparison = out / f"cohesion_h{settings['horizon']}"
-    methods = methods_to_compare(out, koopman, score, settings["sampler"], data, score_eps)
+    methods = methods_to_compare(out, koopman, score, settings["sampler"], data, score_eps, settings["score"]["window"])
     results = timed("compare", compare_stabilizers, emulator, reference, comparison, methods,
                     trajectories=settings["reference_trajectories"], steps=settings["horizon"], device=args.device,
                     progress=base.PROGRESS, echo=log)

@@ -61,6 +61,32 @@ def test_plan_scores_all_windows_in_each_call_and_autoregressive_once_per_frame(
     assert evaluations == 7
 
 
+@pytest.mark.parametrize("run", [2, 3])
+def test_autoregressive_runs_of_several_frames_need_fewer_sampler_runs(run):
+    from emu.stabilizers.cohesion import window_evaluations
+
+    class FiveFrames(CountingScore):
+        window = 5
+
+    initial = torch.randn(2, 1, 8, 8)
+    horizon = 7
+    settings = CohesionSettings(steps=3, corrections=1, operator="coarsen:2", frames_per_run=run)
+    network = FiveFrames()
+    seen = []
+    samples, _ = forecast(LinearPrior(), network, VPSchedule(), initial, horizon, mode="autoregressive",
+                          settings=settings, generator=torch.Generator().manual_seed(0), on_frame=seen.append)
+    assert samples.shape == (1, 2, horizon + 1, 1, 8, 8) and torch.isfinite(samples).all()
+    assert seen == list(range(1, horizon + 1))  # every frame reported once, in order
+    runs = -(-horizon // run)  # 7 frames: 4 runs of 2 (the last of 1), 3 runs of 3 (the last of 1)
+    assert network.calls == runs * 5 and network.windows == runs * 5 * 2
+    assert window_evaluations("autoregressive", horizon, 5, settings) == runs * 5
+    with pytest.raises(ValueError, match=r"frames_per_run must be in \[1, 4\]"):
+        forecast(LinearPrior(), FiveFrames(), VPSchedule(), initial, horizon, mode="autoregressive",
+                 settings=CohesionSettings(steps=2, frames_per_run=5))
+    with pytest.raises(ValueError, match="frames_per_run must be an integer >= 1"):
+        CohesionSettings(frames_per_run=0)
+
+
 def test_prior_mode_is_the_koopman_forecast_itself():
     initial = torch.randn(2, 1, 8, 8)
     samples, timings = forecast(LinearPrior(), None, None, initial, 4, mode="prior", members=2)

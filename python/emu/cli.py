@@ -847,13 +847,15 @@ def rollout(checkpoint, init, trajectories, steps, split, divergence_threshold, 
               help="Plan mode: score windows every S frames (1 <= S <= W; S = 1 is SDA's composition). "
                    "[default: W - 2, at least 1: exact at t = 0 for first-order dynamics; 3 for W = 5, a third of the "
                    "network calls]")
+@click.option("--frames-per-run", type=int, default=1, show_default=True,
+              help="Autoregressive mode: frames R each sampler run generates (1 <= R <= W - 1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", type=click.Path(dir_okay=False), default="forecast.h5", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def forecast(koopman_checkpoint, score_checkpoint, init, horizon, mode, members, trajectories, split, steps,
              corrections, tau, strength, observation_noise, gamma, operator, prior_error, calibration_data,
-             window_stride, seed, device, out, progress):
+             window_stride, frames_per_run, seed, device, out, progress):
     """Cohesion: forecast with the Koopman prior refined by guided diffusion over the whole sequence
     (plan) or window by window (autoregressive); writes the dataset's HDF5 layout with the timing.
 
@@ -866,7 +868,7 @@ def forecast(koopman_checkpoint, score_checkpoint, init, horizon, mode, members,
     check_writable(out, "--out")
     settings = CohesionSettings(steps=steps, corrections=corrections, tau=tau, strength=strength,
                                 observation_noise=observation_noise, gamma=gamma, operator=operator,
-                                window_stride=window_stride)
+                                window_stride=window_stride, frames_per_run=frames_per_run)
     calibrate_on = (calibration_data or init) if prior_error == "calibrated" else None
     result = forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, horizon=horizon, mode=mode,
                               members=members, trajectories=trajectories, split=split, settings=settings,

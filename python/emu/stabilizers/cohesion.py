@@ -20,7 +20,9 @@ Two modes, one API (`forecast`):
                     every network call scores all T - W + 2 windows in one batch (stride 1), or
                     about (T + 1 - W)/s + 1 of them with windows of stride s (`window_stride`);
     autoregressive  (R = 1) window by window: T sampler runs, run k generating frame k in a window
-                    whose earlier frames are the ones already generated, observed exactly.
+                    whose earlier frames are the ones already generated, observed exactly; with
+                    `frames_per_run` R up to W - 1, ceil(T / R) runs of R new frames each (no window
+                    composition, so none of its energy loss; see the evidence).
 
 Both observe the initial state u_0 in full (A = identity on frame 0) and the prior's frames through
 A. With stride-1 windows the network evaluations are about the same in both modes (T windows x
@@ -93,6 +95,8 @@ class CohesionSettings:
             S-th frame of the prior observed in full, the others not at all).
         through_network: differentiate the likelihood through the network (SDA's default) or not.
         max_windows: at most this many windows per network call (memory; None: all at once).
+        frames_per_run: autoregressive mode's R, the frames each sampler run generates, 1 <= R <= W - 1
+            (1: frame by frame; W - 1: a window at a time, conditioned on one known frame).
         window_stride: plan mode's window spacing s, 1 <= s <= W (`emu.diffusion.compose_window_scores`);
             None: W - 2 (at least 1), the largest stride still exact at t = 0 for first-order dynamics
             (3 for W = 5: a third of the network calls, measured at the same quality as stride 1).
@@ -109,6 +113,7 @@ class CohesionSettings:
     max_windows: int | None = None
     prior_error: tuple[float, ...] | None = None
     window_stride: int | None = None
+    frames_per_run: int = 1
 
     def __post_init__(self):
         checks = [
@@ -127,6 +132,8 @@ class CohesionSettings:
             (self.window_stride is None or (isinstance(self.window_stride, int) and not isinstance(self.window_stride, bool)
                                             and self.window_stride >= 1),
              "window_stride", "None or an integer >= 1 (and <= the score window)", self.window_stride),
+            (isinstance(self.frames_per_run, int) and not isinstance(self.frames_per_run, bool) and self.frames_per_run >= 1,
+             "frames_per_run", "an integer >= 1 (and below the score window)", self.frames_per_run),
         ]
         for ok, name, allowed, value in checks:
             if not ok:
@@ -292,13 +299,17 @@ def plan(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings
 def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor, settings: CohesionSettings, *,
                    members: int = 1, generator: torch.Generator | None = None,
                    on_frame: Callable[[int], None] | None = None) -> torch.Tensor:
-    """R = 1: frame k (k = 1..T) from one sampler run over a window of W frames ending at k (the first
-    W frames while k < W), whose frames before k are the ones already generated (observed exactly)
-    and whose frames from k on are observed through A(prior). Returns (members, B, T + 1, C, y, x)."""
+    """R = settings.frames_per_run (1 by default): frames k .. k + R - 1 from one sampler run over a
+    window of W frames ending at k + R - 1 (the first W frames while that is before W - 1; the last W
+    at the end), whose frames before k are the ones already generated (observed exactly) and whose
+    frames from k on are observed through A(prior); ceil(T / R) runs. Returns (members, B, T + 1, C, y, x)."""
     batch, frames = prior.shape[0], prior.shape[1]
     window = network.window
     if frames < window:
         raise ValueError(f"the horizon + 1 = {frames} frames must be at least the score network's window {window}")
+    run = settings.frames_per_run
+    if run > window - 1:
+        raise ValueError(f"frames_per_run must be in [1, {window - 1}] (the window less one known frame), got {run}")
     make_operator = parse_operator(settings.operator)
     sampler = PredictorCorrectorSampler(schedule, steps=settings.steps, corrections=settings.corrections,
                                         tau=settings.tau)
@@ -306,8 +317,9 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
     states = initial[None].repeat(members, 1, 1, 1, 1).reshape(members * batch, *initial.shape[1:])
     sequence = [states]
     repeated_prior = prior.repeat(members, 1, 1, 1, 1)
-    for k in range(1, frames):
-        start = max(0, min(k - window + 1, frames - window))
+    for k in range(1, frames, run):
+        new = min(run, frames - k)
+        start = max(0, min(k + new - window, frames - window))
         known = k - start
         past = torch.stack(sequence[start:k], dim=1)
         operator = InitialAndPrior(make_operator(window - known, k), known=known)
@@ -318,9 +330,10 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
                             through_network=settings.through_network)
         window_samples = sampler.sample(eps, (members * batch, window, *prior.shape[2:]), generator,
                                         dtype=prior.dtype, device=prior.device)
-        sequence.append(window_samples[:, known])
-        if on_frame is not None:
-            on_frame(k)
+        for offset in range(new):
+            sequence.append(window_samples[:, known + offset])
+            if on_frame is not None:
+                on_frame(k + offset)
     return torch.stack(sequence, dim=1).reshape(members, batch, frames, *prior.shape[2:])
 
 
@@ -358,7 +371,8 @@ def unconditional_check(network, schedule, normalizer, data, *, split: str = "va
 
 def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionSettings) -> int:
     """Score-network evaluations of one W-frame window, per forecast trajectory and member: plan mode
-    scores its strided windows once per sampler evaluation, autoregressive mode one window per frame."""
+    scores its strided windows once per sampler evaluation, autoregressive mode one window per run of
+    R = frames_per_run frames."""
     if mode == "prior":
         return 0
     if mode == "plan":
@@ -366,7 +380,7 @@ def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionS
 
         windows = strided_starts(horizon + 1, window, settings.stride_for(window)).numel()
     else:
-        windows = horizon
+        windows = -(-horizon // settings.frames_per_run)  # ceil(T / R) sampler runs of one window each
     return windows * settings.network_evaluations_per_window
 
 
