@@ -127,6 +127,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
                        echo=lambda _: None)
 
 
+def test_a_setting_newer_than_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before a setting existed resumes when the setting is left at its default
+    (the behaviour of the code that wrote it) and is refused, naming it, when it is not."""
+    from emu.training.loop import settings_differences
+
+    stored = {"lr": 1e-3, "data": "data/"}
+    assert settings_differences(stored, {"lr": 1e-3, "data": "data", "prediction": "eps"}, {"prediction": "eps"}) == []
+    assert settings_differences(stored, {"lr": 1e-3, "data": "data", "prediction": "v"}, {"prediction": "eps"}) == [
+        'prediction (--prediction): "eps" in the checkpoint, "v" now']
+    assert settings_differences(stored, {"lr": 1e-3, "data": "data", "prediction": "eps"}) == [
+        'prediction (--prediction): (not set) in the checkpoint, "eps" now']
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

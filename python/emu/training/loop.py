@@ -248,15 +248,19 @@ def _comparable(settings: dict) -> dict:
     return values
 
 
-def settings_differences(stored: dict, current: dict) -> list[str]:
-    """'name (--option): V in the checkpoint, W now' for each setting that must match on resume and differs."""
+def settings_differences(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """'name (--option): V in the checkpoint, W now' for each setting that must match on resume and differs.
+
+    A setting the checkpoint does not have (one added to emu after it was written) counts as its
+    `defaults` value, the behaviour of the code that wrote it, so a run resumes when it is left there."""
     stored, current = _comparable(stored), _comparable(current)
+    defaults = _comparable(defaults or {})
     missing = object()
     differences = []
     for name in sorted(set(stored) | set(current)):
         if name in EXECUTION_SETTINGS or name == "epochs":
             continue
-        old, new = stored.get(name, missing), current.get(name, missing)
+        old, new = stored.get(name, defaults.get(name, missing)), current.get(name, missing)
         if old != new:
             def shown(value):
                 return "(not set)" if value is missing else json.dumps(value)
@@ -362,7 +366,9 @@ def fit(job: Job, config, context: Context, out, *, kind: str, resume: bool = Fa
     if resume:
         path = out / "last.pt"
         payload = load_checkpoint(path, kind)
-        differences = settings_differences(payload["training"], settings)
+        defaults = {field.name: field.default for field in dataclasses.fields(config)
+                    if field.default is not dataclasses.MISSING}
+        differences = settings_differences(payload["training"], settings, defaults)
         if differences:
             raise UserError(f"--resume: {path} was trained with other settings: {'; '.join(differences)}. "
                             "Pass the checkpoint's values (only --epochs may grow), or train into another --out")
