@@ -134,12 +134,9 @@ def observation_variance(schedule: VPSchedule, t: TimeLike, like: torch.Tensor, 
     """sigma_y^2 + gamma (sigma(t)/mu(t))^2: per sample, shaped (batch, 1, ..., 1) like `like`, for a
     scalar sigma_y; broadcast with it (batch, *sigma_y's shape) for a tensor sigma_y."""
     mu, sigma = schedule.coefficients(t, like)
-    ratio = (sigma / mu) ** 2
     if isinstance(observation_noise, torch.Tensor):
-        noise = observation_noise.to(device=like.device, dtype=like.dtype)
-        ratio = ratio.reshape(like.shape[0], *([1] * noise.ndim))
-        return noise ** 2 + gamma * ratio
-    return observation_noise ** 2 + gamma * ratio
+        mu, sigma = (value.reshape(like.shape[0], *([1] * observation_noise.ndim)) for value in (mu, sigma))
+    return _noise_plus_ratio(observation_noise, (sigma / mu) ** 2, gamma)
 
 
 def guided_noise(eps_fn: EpsFunction, x: torch.Tensor, t: TimeLike, schedule: VPSchedule, prior: torch.Tensor,
@@ -209,13 +206,18 @@ def _likelihood_variance(mu: torch.Tensor, sigma: torch.Tensor, residual: torch.
     sample, sigma_y per entry when it is a tensor."""
     ratio = ((sigma / mu) ** 2).reshape(residual.shape[0], *([1] * (residual.ndim - 1)))
     if isinstance(observation_noise, torch.Tensor):
-        noise = observation_noise.to(device=residual.device, dtype=residual.dtype)
         try:
-            torch.broadcast_shapes(noise.shape, residual.shape[1:])
+            torch.broadcast_shapes(observation_noise.shape, residual.shape[1:])
         except RuntimeError:
-            raise ValueError(f"observation_noise of shape {tuple(noise.shape)} does not broadcast against A(x) "
-                             f"without its batch axis, {tuple(residual.shape[1:])}") from None
-        return noise ** 2 + gamma * ratio
+            raise ValueError(f"observation_noise of shape {tuple(observation_noise.shape)} does not broadcast "
+                             f"against A(x) without its batch axis, {tuple(residual.shape[1:])}") from None
+    return _noise_plus_ratio(observation_noise, ratio, gamma)
+
+
+def _noise_plus_ratio(observation_noise: NoiseLike, ratio: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sigma_y^2 + gamma (sigma/mu)^2 with `ratio` = (sigma/mu)^2 already shaped to broadcast."""
+    if isinstance(observation_noise, torch.Tensor):
+        observation_noise = observation_noise.to(device=ratio.device, dtype=ratio.dtype)
     return observation_noise ** 2 + gamma * ratio
 
 

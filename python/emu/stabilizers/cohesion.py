@@ -56,7 +56,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -338,12 +338,17 @@ def autoregressive(network, schedule, prior: torch.Tensor, initial: torch.Tensor
 
 
 def unconditional_check(network, schedule, normalizer, data, *, split: str = "valid", windows: int = 16,
-                        steps: int = 32, corrections: int = 1, tau: float = 0.1, seed: int = 0) -> dict:
-    """How the score network's own distribution compares with held-out data, before any guidance:
-    `windows` unconditional W-frame windows from the predictor-corrector sampler against every
-    W-frame window start 0 of the split's trajectories, normalised units. Returns the RMS of each,
-    the RMS of the frame-to-frame difference of each (temporal coherence), and the ratio of their
-    isotropic power spectra per integer shell (emu.metrics.power_spectrum; 1 is right)."""
+                        steps: int = 32, corrections: int = 1, tau: float = 0.1, seed: int = 0,
+                        sequence_lengths: tuple[int, ...] = (5, 9, 17, 41), sequences: int = 8) -> dict:
+    """How the score network's own distribution compares with held-out data, before any guidance.
+
+    `windows` unconditional W-frame windows from the predictor-corrector sampler against the first W
+    frames of every trajectory of the split, normalised units: the RMS of each, the RMS of the
+    frame-to-frame difference of each (temporal coherence), and the ratio of their isotropic power
+    spectra per integer shell (emu.metrics.power_spectrum; 1 is right). Then `sequences`
+    unconditional sequences of each of `sequence_lengths` frames (>= W) sampled with the composed window
+    score (stride 1), their RMS as "composed_sequences": a single window at W frames, and how much energy
+    the composition loses the longer the sequence is (tests/test_vp_sampler.py has the Gaussian twin)."""
     from emu.data.loaders import Snapshots
     from emu.metrics import power_spectrum
 
@@ -354,19 +359,22 @@ def unconditional_check(network, schedule, normalizer, data, *, split: str = "va
         raise ValueError(f"{data}: the {split} trajectories hold {length} snapshots, fewer than the window {window}")
     truth = torch.stack([frames._read(0, t, slice(0, window)) for t in range(count)])
     sampler = PredictorCorrectorSampler(schedule, steps=steps, corrections=corrections, tau=tau)
-    with torch.no_grad():
-        samples = sampler.sample(lambda x, t: network(x, t), (windows, *truth.shape[1:]),
-                                 torch.Generator().manual_seed(seed))
 
     def rms(x):
         return float(x.double().square().mean().sqrt())
 
+    with torch.no_grad():
+        samples = sampler.sample(lambda x, t: network(x, t), (windows, *truth.shape[1:]),
+                                 torch.Generator().manual_seed(seed))
+        composed = [{"frames": n, "rms": rms(sampler.sample(
+            lambda x, t: compose_window_scores(network, x, t, window), (sequences, n, *truth.shape[2:]),
+            torch.Generator().manual_seed(seed)))} for n in sequence_lengths if n >= window]
     ratio = power_spectrum(samples.flatten(0, 1).numpy()).mean(0) / power_spectrum(truth.flatten(0, 1).numpy()).mean(0)
     return {"windows": windows, "steps": steps, "corrections": corrections, "tau": tau, "split": split,
             "sample_rms": rms(samples), "data_rms": rms(truth),
             "sample_frame_difference_rms": rms(samples[:, 1:] - samples[:, :-1]),
             "data_frame_difference_rms": rms(truth[:, 1:] - truth[:, :-1]),
-            "power_ratio_per_shell": [float(v) for v in ratio]}
+            "power_ratio_per_shell": [float(v) for v in ratio], "composed_sequences": composed}
 
 
 def window_evaluations(mode: str, horizon: int, window: int, settings: CohesionSettings) -> int:
@@ -445,12 +453,9 @@ def forecast_to_file(koopman_checkpoint, score_checkpoint, init, out, *, horizon
                              "statistics: train both on the same dataset")
         network.to(device)
     koopman.to(device)
-    from dataclasses import replace
-
     if mode == "plan":  # the stride used, in the file's settings
         settings = replace(settings, window_stride=settings.stride_for(network.window))
     if calibrate_on is not None and mode != "prior":
-
         if not split_files(calibrate_on, "valid"):
             raise UserError(f"--calibration-data {calibrate_on}: no valid trajectories (data/valid/ is empty) to "
                             "measure the prior's error on; pass a dataset folder that has them (the training data), "

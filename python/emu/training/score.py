@@ -23,8 +23,9 @@ near-identity eps_hat ~ sigma x_t there; with v the error of x0_hat is sigma (v_
 that identity is built in. Measured on the small Kolmogorov set (unconditional windows against the
 data, `emu.stabilizers.cohesion.unconditional_check`): eps after 10 epochs 3x the data's RMS and 28x
 its power at k = 1, v after 5 epochs 0.81x the RMS and 0.43-1.4x the power on every shell; after 40
-epochs both are close (RMS 0.89x for v, 1.02x for eps; power 0.6-1.1x), so v mostly learns faster. The network, checkpoints and samplers see eps_hat either way (`load_score` wraps a v network
-in `VPredictionScore`).
+epochs both are close (RMS 0.89x for v, 1.02x for eps; power 0.6-1.1x), so v mostly learns faster.
+The network, checkpoints and samplers see eps_hat either way (`load_score` wraps a v network in
+`VPredictionScore`).
 
 With `stratified_time` (the default) the B times of a batch are stratified, t_i = (i + u_i) / B with
 u_i ~ U(0, 1): each is still U(0, 1), so the expected loss is unchanged, but every batch covers the
@@ -146,6 +147,12 @@ def noise_predictor(network: WindowScoreUNet, schedule: VPSchedule, prediction: 
     return network if prediction == "eps" else VPredictionScore(network, schedule)
 
 
+def objective_weights(schedule: VPSchedule, t: torch.Tensor, prediction: str = "eps") -> torch.Tensor:
+    """Per-sample weights of the eps-space squared error in the training objective: 1 for "eps",
+    1 / mu(t)² for "v" (||eps_hat - eps||² / mu² = ||v_hat - v||²); float64, t's shape."""
+    return torch.ones_like(t, dtype=torch.float64) if prediction == "eps" else 1.0 / schedule.alpha(t).double()
+
+
 class ScoreLoss(nn.Module):
     """window (B, W, C, y, x) -> MSE(eps_hat(x_t, t), eps) (prediction "eps") or the same divided by
     mu(t)², which is MSE(v_hat, v) (prediction "v"), with x_t = schedule.add_noise(window, t, eps) and
@@ -176,13 +183,12 @@ class ScoreLoss(nn.Module):
         if noise.shape != window.shape:
             raise ValueError(f"noise must have the windows' shape {tuple(window.shape)}, got {tuple(noise.shape)}")
         noised = self.schedule.add_noise(window, t, noise)
-        error = self.predictor(noised, t).float() - noise.float()
-        noise_mse = error.square().mean()
+        per_window = (self.predictor(noised, t).float() - noise.float()).square().flatten(1).mean(dim=1)
+        noise_mse = per_window.mean()
         self.terms = {"noise_mse": float(noise_mse.detach())}
         if self.prediction == "eps":
             return noise_mse
-        mu, _ = self.schedule.coefficients(t, error)
-        return (error / mu.float()).square().mean()
+        return (per_window * objective_weights(self.schedule, t, self.prediction).to(per_window)).mean()
 
 
 @torch.no_grad()
@@ -206,8 +212,7 @@ def evaluate(network: WindowScoreUNet, valid_set: TrajectoryWindows, schedule: V
         window, t, noise = window.to(device), t.to(device), noise.to(device)
         predicted = predictor(schedule.add_noise(window, t, noise), t).float()
         per_window = ((predicted - noise.float()) ** 2).flatten(1).mean(dim=1).cpu()
-        weight = 1.0 if config.prediction == "eps" else 1.0 / schedule.alpha(t.cpu()).double()
-        total += float((per_window * weight).sum())
+        total += float((per_window * objective_weights(schedule, t.cpu(), config.prediction)).sum())
         count += batch
         for name, low, high in T_BANDS:
             inside = (t.cpu() >= low) & (t.cpu() < high)
@@ -287,4 +292,5 @@ def load_score(path) -> tuple[nn.Module, VPSchedule, Normalizer, dict]:
 
 
 __all__ = ["PREDICTIONS", "ScoreLoss", "ScoreTrainingConfig", "VPredictionScore", "check_window", "evaluate",
-           "load_score", "noise_predictor", "sample_times", "snapshots_per_trajectory", "train_score"]
+           "load_score", "noise_predictor", "objective_weights", "sample_times", "snapshots_per_trajectory",
+           "train_score"]
